@@ -1,0 +1,7 @@
+"""Backdoor attacks: trigger functions, dataset poisoning and backdoored-model training."""
+from .badnets import BadNets
+from .base import Trigger, choose_poison_index, poison_test_set, poison_training_set
+from .training import TrainConfig, train_model
+
+__all__ = ["BadNets", "Trigger", "choose_poison_index", "poison_test_set", "poison_training_set",
+           "TrainConfig", "train_model"]

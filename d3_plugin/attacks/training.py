@@ -1,0 +1,36 @@
+"""Training a backdoored model on a poisoned set, with the common trainer."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, asdict
+from typing import Callable, Dict, Optional
+
+from torch import nn
+
+from ..data import DatasetSpec, ImageSet, Loader
+from ..training import cosine, cross_entropy, fit, sgd
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_model(model: nn.Module, data: ImageSet, spec: DatasetSpec, config: TrainConfig, *, device="cpu",
+                on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
+                progress: Optional[str] = None):
+    """Standard SGD + cosine training with augmentation; returns (trained copy, history)."""
+    model = copy.deepcopy(model).to(device)
+    batches = Loader(data, spec, config.batch_size, train=True, device=device, seed=config.seed)
+    optimizer = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
+    history = fit(model, batches, optimizer, cross_entropy(), config.epochs,
+                  scheduler=cosine(optimizer, config.epochs), on_epoch=on_epoch, progress=progress)
+    return model, history

@@ -1,0 +1,157 @@
+"""D3 — Distance-Driven Detoxification (Wei, Liu, Zha, ICCV 2025), the algorithm only.
+
+    minimise over θ with θs ∈ S:   −Σ_layers ‖W − W_init‖_F  +  λ · hinge(L_clean − ε)
+
+solved by projected gradient descent: one optimizer step on every parameter, then each selected
+weight W is rescaled back onto S = {‖W‖_F = ‖W_init‖_F}. θs are the weights (not biases) of the
+selected layers. This module knows nothing about files, datasets or BackdoorBench: it takes a model,
+an iterable of clean (inputs, labels) batches and a `D3Config`.
+
+Defaults and their source (paper = arXiv 2411.09585; code = the authors' defense/d3.py):
+    lam=10, eps=0.1                 paper §4 (the authors' YAML ships lmd 0.5)
+    hinge="sample"                  code: mean_i relu(CE_i − ε); "batch" is the paper's relu(mean CE − ε)
+    normalize=True                  code: loss / (λ + 1) when λ > 1
+    warm_start="random"             code: uniform(−0.5, 0.5) rescaled to ‖W_init‖_F
+    layers=None → every nn.Linear   paper: "the linear layers"; code selects a named module
+    lr=0.01, momentum=0.9, wd=0,
+    cosine schedule, batch 256,
+    bn_train=True, epochs=100       code (CIFAR-10)
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, asdict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .training import cosine, fit, sgd
+
+WARM_STARTS = ("near", "random", "middle", "far", "noise")
+HINGES = ("sample", "batch")
+
+
+@dataclass
+class D3Config:
+    lam: float = 10.0
+    eps: float = 0.1
+    hinge: str = "sample"
+    normalize: bool = True
+    warm_start: str = "random"
+    layers: Optional[Sequence[str]] = None
+    epochs: int = 100
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    bn_train: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.hinge not in HINGES:
+            raise ValueError(f"hinge must be one of {HINGES}, got {self.hinge!r}")
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
+        if self.lam < 0 or self.eps < 0 or self.epochs < 0:
+            raise ValueError("lam, eps and epochs must be non-negative")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def select_weights(model: nn.Module, layers: Optional[Sequence[str]] = None) -> Dict[str, nn.Parameter]:
+    """θs: weights of every nn.Linear (layers=None) or of every Linear/Conv2d inside the named modules."""
+    modules = dict(model.named_modules())
+    if layers is None:
+        chosen = {name: m for name, m in modules.items() if isinstance(m, nn.Linear)}
+    else:
+        unknown = [name for name in layers if name not in modules]
+        if unknown:
+            raise ValueError(f"no module named {', '.join(unknown)} in the model; pick from its named_modules()")
+        chosen = {f"{layer}.{sub}".rstrip("."): m for layer in layers
+                  for sub, m in modules[layer].named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    if not chosen:
+        raise ValueError("no weights selected for D3: the model has no nn.Linear; name the layers to use")
+    return {f"{name}.weight": m.weight for name, m in chosen.items()}
+
+
+def distance(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """d(θs, θs_init) = Σ over selected layers of ‖W − W_init‖_F (not squared)."""
+    return sum(torch.linalg.vector_norm(w - initial[name]) for name, w in weights.items())
+
+
+@torch.no_grad()
+def project(weights: Dict[str, torch.Tensor], norms: Dict[str, torch.Tensor]) -> None:
+    """Rescale each W in place onto ‖W‖_F = norms[name] (a zero W has no direction and is left alone)."""
+    for name, w in weights.items():
+        current = torch.linalg.vector_norm(w)
+        if current > 0:
+            w.mul_(norms[name] / current)
+
+
+@torch.no_grad()
+def warm_start(weights: Dict[str, torch.Tensor], mode: str, generator: torch.Generator) -> None:
+    """Re-initialise θs in place before training (the authors' "warm-up").
+
+    near: keep W.  random: uniform(−0.5, 0.5).  far: −W.  noise: W + N(0, std(W)²).  middle: 0.
+    Every mode but middle is then rescaled to ‖W_init‖_F, so training starts inside S; middle (the
+    centre of S) reaches S at the first projection.
+    """
+    for w in weights.values():
+        norm = torch.linalg.vector_norm(w)
+        if mode == "random":
+            fresh = torch.rand(w.shape, generator=generator) - 0.5
+        elif mode == "noise":
+            fresh = w.cpu() + torch.randn(w.shape, generator=generator) * w.std().cpu()
+        elif mode == "far":
+            fresh = -w
+        elif mode == "middle":
+            fresh = torch.zeros_like(w)
+        else:
+            continue
+        fresh = fresh.to(w.device, w.dtype)
+        scale = norm / torch.linalg.vector_norm(fresh) if mode != "middle" else 1.0
+        w.copy_(fresh * scale)
+
+
+def clean_hinge(logits: torch.Tensor, labels: torch.Tensor, eps: float, mode: str = "sample"):
+    """Hinge on the clean loss: mean_i relu(CE_i − ε) ("sample") or relu(mean_i CE_i − ε) ("batch")."""
+    per_sample = F.cross_entropy(logits, labels, reduction="none")
+    hinge = F.relu(per_sample - eps).mean() if mode == "sample" else F.relu(per_sample.mean() - eps)
+    return hinge, per_sample.mean()
+
+
+def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor], config: D3Config):
+    """The D3 loss −d + λ·hinge (divided by λ + 1 when `normalize` and λ > 1) as a training objective."""
+    scale = 1.0 / (config.lam + 1.0) if config.normalize and config.lam > 1 else 1.0
+
+    def d3_loss(model, inputs, labels):
+        hinge, clean_loss = clean_hinge(model(inputs), labels, config.eps, config.hinge)
+        dist = distance(weights, initial)
+        loss = (config.lam * hinge - dist) * scale
+        return loss, {"loss": loss.detach(), "clean_loss": clean_loss.detach(),
+                      "hinge": hinge.detach(), "distance": dist.detach()}
+    return d3_loss
+
+
+def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Config] = None, *,
+             on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
+             progress: Optional[str] = None) -> Tuple[nn.Module, List[Dict[str, float]]]:
+    """Run D3 on a copy of `model`; returns (purified model, per-epoch history).
+
+    History rows: epoch, lr, loss, clean_loss, hinge, distance (means over the epoch's batches, taken
+    before each step), plus whatever `on_epoch(epoch, model)` returns (e.g. ACC/ASR).
+    """
+    config = config or D3Config()
+    model = copy.deepcopy(model)
+    weights = select_weights(model, config.layers)
+    initial = {name: w.detach().clone() for name, w in weights.items()}
+    norms = {name: torch.linalg.vector_norm(w) for name, w in initial.items()}
+    warm_start(weights, config.warm_start, torch.Generator().manual_seed(config.seed))
+    optimizer = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
+    history = fit(model, clean_batches, optimizer, objective(weights, initial, config), config.epochs,
+                  scheduler=cosine(optimizer, config.epochs), after_step=lambda _: project(weights, norms),
+                  bn_train=config.bn_train, on_epoch=on_epoch, progress=progress)
+    return model, history

@@ -1,0 +1,139 @@
+"""Readers for datasets on disk. Nothing is ever downloaded: a missing dataset is a clear error."""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from .images import DatasetSpec, ImageSet
+
+FASHION_MNIST_DEFAULT = Path("/usr/share/datasets/fashion-mnist")
+
+SPECS = {
+    "fashion_mnist": DatasetSpec("fashion_mnist", 10, 1, 28, (0.5,), (0.5,), crop_padding=4),
+    "mnist": DatasetSpec("mnist", 10, 1, 28, (0.5,), (0.5,), crop_padding=4),
+    "cifar10": DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261),
+                           crop_padding=4, horizontal_flip=True),
+    "cifar100": DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "gtsrb": DatasetSpec("gtsrb", 43, 3, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "tiny": DatasetSpec("tiny", 200, 3, 64, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
+}
+
+
+class DatasetNotFound(FileNotFoundError):
+    """Raised when a dataset's files are missing; the message says where we looked and how to get them."""
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    key = name.lower().replace("-", "_")
+    if key not in SPECS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(SPECS))}")
+    return SPECS[key]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes; re-install the dataset")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated ({data.size} of {int(np.prod(dims))} values); re-install it")
+    return data.reshape(dims)
+
+
+def _find_idx(folders: Iterable[Path], stem: str) -> Optional[Path]:
+    for folder in folders:
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _mnist_like_folders(root: Optional[Path], torchvision_name: str) -> list[Path]:
+    candidates = []
+    if root is not None:
+        candidates += [root, root / torchvision_name / "raw", root / "raw"]
+    return candidates
+
+
+def load_mnist_like(train: bool, root: Optional[str | os.PathLike] = None, *, fashion: bool = True) -> ImageSet:
+    """Fashion-MNIST or MNIST from idx files (plain or .gz): a folder holding them directly, or
+    torchvision's `<root>/FashionMNIST/raw` / `<root>/MNIST/raw` layout."""
+    torchvision_name = "FashionMNIST" if fashion else "MNIST"
+    env_root = os.environ.get("D3_FASHION_MNIST" if fashion else "D3_MNIST")
+    roots = [Path(r) for r in (root, env_root) if r]
+    if fashion and root is None:
+        roots.append(FASHION_MNIST_DEFAULT)
+    folders = [f for r in roots for f in _mnist_like_folders(r, torchvision_name)]
+    prefix = "train" if train else "t10k"
+    images_path = _find_idx(folders, f"{prefix}-images-idx3-ubyte")
+    labels_path = _find_idx(folders, f"{prefix}-labels-idx1-ubyte")
+    if images_path is None or labels_path is None:
+        how = ("install it with `apt-get install dataset-fashion-mnist` or pass --data-root with the idx files"
+               if fashion else "pass --data-root pointing at torchvision's MNIST folder")
+        raise DatasetNotFound(f"{torchvision_name} {prefix} idx files not found in "
+                              f"{', '.join(map(str, folders)) or '(no folder given)'}; {how}")
+    images = torch.from_numpy(_read_idx(images_path).copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
+    return ImageSet(images, labels)
+
+
+def load_cifar(train: bool, root: str | os.PathLike, *, classes: int = 10) -> ImageSet:
+    """CIFAR-10/100 in torchvision's python-batch layout (`cifar-10-batches-py` / `cifar-100-python`)."""
+    root = Path(root)
+    folder_name = "cifar-10-batches-py" if classes == 10 else "cifar-100-python"
+    folder = root / folder_name if (root / folder_name).is_dir() else root
+    if classes == 10:
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    else:
+        names = ["train"] if train else ["test"]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DatasetNotFound(f"CIFAR-{classes} batches {', '.join(missing)} not found in {folder}; download "
+                              f"torchvision's CIFAR{classes} python version and unpack it there")
+    images, labels = [], []
+    for name in names:
+        batch = _read_cifar_batch(folder / name)
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch["labels" if classes == 10 else "fine_labels"])
+    return ImageSet(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long))
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles of plain dicts, lists, bytes and numpy arrays; refuse anything else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a CIFAR batch file")
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    with open(path, "rb") as f:
+        batch = _PlainDataUnpickler(f, encoding="latin1").load()
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def load_dataset(name: str, train: bool, root: Optional[str | os.PathLike] = None) -> ImageSet:
+    """Load a dataset by name from `root` (Fashion-MNIST also looks in the Debian package's folder)."""
+    spec = dataset_spec(name)
+    if spec.name in ("fashion_mnist", "mnist"):
+        return load_mnist_like(train, root, fashion=spec.name == "fashion_mnist")
+    if spec.name in ("cifar10", "cifar100"):
+        if root is None:
+            raise DatasetNotFound(f"{spec.name} needs a data root (--data-root) holding its python batches")
+        return load_cifar(train, root, classes=spec.num_classes)
+    raise DatasetNotFound(f"no standalone reader for {spec.name} yet; use a BackdoorBench record folder")

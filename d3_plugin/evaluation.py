@@ -1,0 +1,63 @@
+"""ACC / ASR / RA (one forward pass per test set) and the paper's DER."""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, batches: Iterable):
+    """Predictions and summed cross-entropy (against the loader's labels) over a whole loader."""
+    predictions, loss_sum, batch_losses = [], 0.0, []
+    for inputs, labels in batches:
+        logits = model(inputs)
+        batch_losses.append(F.cross_entropy(logits, labels))
+        predictions.append(logits.argmax(1))
+    loss = torch.stack(batch_losses).mean().item() if batch_losses else float("nan")
+    return torch.cat(predictions), loss
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, clean_test=None, backdoor_test=None) -> Dict[str, float]:
+    """Evaluate on a clean test loader and/or a poisoned test loader.
+
+    The poisoned loader's labels are the backdoor labels and its `data.original_labels` the true
+    classes; it should hold only samples whose true class differs from the target (all-to-one).
+    Returns fractions in [0, 1]: `acc`, `asr`, `ra`, and mean per-batch losses `clean_loss`, `bd_loss`.
+    """
+    was_training = model.training
+    model.eval()
+    results: Dict[str, float] = {}
+    if clean_test is not None:
+        predictions, results["clean_loss"] = _predict(model, clean_test)
+        results["acc"] = _accuracy(predictions, clean_test.data.labels)
+    if backdoor_test is not None:
+        predictions, results["bd_loss"] = _predict(model, backdoor_test)
+        results["asr"] = _accuracy(predictions, backdoor_test.data.labels)
+        results["ra"] = _accuracy(predictions, backdoor_test.data.original_labels)
+    model.train(was_training)
+    return results
+
+
+def _accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    return (predictions.cpu() == labels.cpu()).float().mean().item()
+
+
+def defense_effectiveness_rate(acc_before: float, asr_before: float, acc_after: float,
+                               asr_after: float) -> float:
+    """DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 with Δ = before − after (paper; values in [0, 1]).
+
+    BackdoorBench's `utils/metric.py` adds the ΔACC term instead of subtracting it; this does not.
+    """
+    for value in (acc_before, asr_before, acc_after, asr_after):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"DER takes fractions in [0, 1], got {value}")
+    return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+
+
+def summarize(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """ACC / ASR / RA of `after` plus DER relative to `before`."""
+    return {"acc": after["acc"], "asr": after["asr"], "ra": after["ra"],
+            "der": defense_effectiveness_rate(before["acc"], before["asr"], after["acc"], after["asr"])}

@@ -1,0 +1,101 @@
+"""The one training loop every defense and attack uses.
+
+A training run is an `objective(model, inputs, labels) -> (loss, stats)` minimised by an optimizer,
+epoch by epoch, with an optional `after_step(model)` hook (D3's projection) and an `on_epoch`
+callback (evaluation). Optimizers are driven through `step(closure)`, so a SAM optimizer, which needs
+two forward/backward passes per step, plugs in unchanged.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple]
+Stats = Dict[str, float]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` → cuda when available, else cpu; anything else is passed to torch.device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+    return resolved
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def sgd(parameters: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.9,
+        weight_decay: float = 0.0) -> torch.optim.SGD:
+    return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def cosine(optimizer: torch.optim.Optimizer, epochs: int):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> Objective:
+    """Plain classification objective: mean cross-entropy."""
+    def objective(model, inputs, labels):
+        loss = F.cross_entropy(model(inputs), labels, label_smoothing=label_smoothing)
+        return loss, {"loss": loss.detach()}
+    return objective
+
+
+def train_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
+                objective: Objective, *, after_step: Optional[Callable[[torch.nn.Module], None]] = None,
+                bn_train: bool = True) -> Stats:
+    """One pass over `batches`; returns each stat averaged over batches (one host sync per epoch)."""
+    model.train(bn_train)
+    totals: Dict[str, torch.Tensor] = {}
+    count = 0
+    for inputs, labels in batches:
+        recorded: Dict[str, torch.Tensor] = {}
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            loss, stats = objective(model, inputs, labels)
+            loss.backward()
+            if not recorded:  # SAM calls the closure twice: keep the stats at the unperturbed weights
+                recorded.update(stats)
+            return loss
+
+        optimizer.step(closure)
+        if after_step is not None:
+            after_step(model)
+        for key, value in recorded.items():
+            totals[key] = totals.get(key, 0) + value.detach()
+        count += 1
+    return {key: float(value) / max(count, 1) for key, value in totals.items()}
+
+
+def fit(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, objective: Objective,
+        epochs: int, *, scheduler=None, after_step=None, bn_train: bool = True,
+        on_epoch: Optional[Callable[[int, torch.nn.Module], Stats]] = None,
+        progress: Optional[str] = None) -> List[Stats]:
+    """Train for `epochs`; each history row holds the epoch's mean stats, its lr and `on_epoch`'s results.
+
+    `progress` names a tqdm bar over epochs (None: no bar).
+    """
+    history: List[Stats] = []
+    bar = tqdm(range(epochs), desc=progress, leave=False, disable=progress is None)
+    for epoch in bar:
+        row: Stats = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_epoch(model, batches, optimizer, objective, after_step=after_step, bn_train=bn_train))
+        if scheduler is not None:
+            scheduler.step()
+        if on_epoch is not None:
+            row.update(on_epoch(epoch + 1, model))
+        history.append(row)
+        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ("loss", "acc", "asr")})
+    return history
