@@ -1,0 +1,39 @@
+"""The `d3-plugin` command: one sub-command per module in d3_plugin.commands."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# Each module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
+COMMAND_MODULES = ["demo"]
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="d3-plugin", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
+    for module_name in COMMAND_MODULES:
+        module = importlib.import_module(f"d3_plugin.commands.{module_name}")
+        module.add_arguments(sub.add_parser(module.NAME, help=module.HELP, description=module.HELP))
+        commands[module.NAME] = module
+    return parser, commands
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return commands[args.command].run(args) or 0
+    except (UserError, FileNotFoundError, ValueError, PermissionError) as error:
+        print(f"d3-plugin {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
