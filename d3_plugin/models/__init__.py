@@ -40,3 +40,6 @@ def default_layers(name: str) -> Optional[Sequence[str]]:
 @register_model("small_cnn")
 def small_cnn(num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
     return SmallCNN(num_classes, in_channels)
+
+
+from . import zoo  # noqa: E402,F401  (registers preactresnet18 and BackdoorBench's torchvision names)
