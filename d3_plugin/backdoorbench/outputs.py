@@ -1,0 +1,195 @@
+"""Result files in BackdoorBench's formats, each written atomically (temp file in the same folder, then
+os.replace), so a reader never sees half a file. Shared by every defense the plugin runs.
+
+- `<m>_df.csv`: one row per epoch, pandas-style (an unnamed index column first), as BackdoorBench's
+  `Metric_Aggregator.to_dataframe().to_csv()` writes it; NaN is written as `nan_value`.
+- `<m>_df_summary.csv`: rows `last`, `valid_max`, `exist_nan_value` over the same columns.
+- `acc_like_metric_plots.png`, `loss_metric_plots.png`: curves over epochs.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+NAN = "nan_value"
+ACC_LIKE = {"test_acc": "Test C-Acc", "test_asr": "Test ASR", "test_ra": "Test RA"}
+LOSSES = {"train_epoch_loss_avg_over_batch": "Train Loss", "clean_test_loss_avg_over_batch": "Test Clean Loss",
+          "bd_test_loss_avg_over_batch": "Test Backdoor Loss"}
+
+
+class OutputNotWritable(PermissionError):
+    """An output folder cannot be created or written to."""
+
+
+def ensure_writable(folder: str | os.PathLike) -> Path:
+    """Create `folder` if needed and prove it is writable; one-line error otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputNotWritable(f"cannot write to output folder {folder} ({error.strerror or error}); "
+                                f"make it writable or choose another folder") from None
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (Path, tuple, set)):
+        return str(value) if isinstance(value, Path) else list(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_index(path: str | os.PathLike, index: Sequence[int]) -> Path:
+    """The reserved-set indices, one integer a line (as `np.savetxt(path, index, fmt='%d')`)."""
+    buffer = io.BytesIO()
+    np.savetxt(buffer, np.asarray(index, dtype=np.int64).reshape(-1), fmt="%d")
+    return write_bytes(path, buffer.getvalue())
+
+
+# --- metric tables ----------------------------------------------------------------------------------
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if _is_nan(value):
+        return NAN
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return str(value)
+
+
+def columns_of(rows: Sequence[Mapping]) -> List[str]:
+    """Column names in first-seen order over all rows."""
+    columns: Dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    return list(columns)
+
+
+def _csv_text(header: Sequence[str], body: Sequence[Sequence]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["", *header])
+    for label, values in body:
+        writer.writerow([label, *(_cell(v) for v in values)])
+    return buffer.getvalue()
+
+
+def write_metric_table(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
+    """`<m>_df.csv`: index column 0..n-1, then one column per metric."""
+    columns = columns_of(rows)
+    body = [(i, [row.get(c) for c in columns]) for i, row in enumerate(rows)]
+    return write_text(path, _csv_text(columns, body))
+
+
+def summarize_table(rows: Sequence[Mapping]) -> Dict[str, Dict[str, object]]:
+    """Per column: `last` non-missing value, `valid_max` over numbers that are not NaN, `exist_nan_value`."""
+    summary: Dict[str, Dict[str, object]] = {"last": {}, "valid_max": {}, "exist_nan_value": {}}
+    for column in columns_of(rows):
+        values = [row.get(column) for row in rows if row.get(column) is not None]
+        numbers = [v for v in values if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                   and not _is_nan(v)]
+        summary["last"][column] = values[-1] if values else None
+        summary["valid_max"][column] = max(numbers) if numbers else float("nan")
+        summary["exist_nan_value"][column] = any(_is_nan(v) for v in values)
+    return summary
+
+
+def write_summary_table(path: str | os.PathLike, rows: Sequence[Mapping]) -> Path:
+    """`<m>_df_summary.csv`: rows `last`, `valid_max`, `exist_nan_value`."""
+    columns = columns_of(rows)
+    summary = summarize_table(rows)
+    body = [(name, [summary[name][c] for c in columns]) for name in ("last", "valid_max", "exist_nan_value")]
+    return write_text(path, _csv_text(columns, body))
+
+
+# --- plots ------------------------------------------------------------------------------------------
+
+def plot_curves(path: str | os.PathLike, curves: Mapping[str, Sequence[float]], ylabel: str,
+                ylim: Optional[tuple] = None, title: str = "Results") -> Path:
+    """One line per curve against the epoch (0-based), saved as PNG. Uses matplotlib's Agg canvas
+    directly, so the caller's pyplot backend is left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12.8, 9.6))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(111)
+    styles = ["--", "-", "-.", ":"]
+    markers = ["o", "v", "+", "x"]
+    for i, (label, values) in enumerate(curves.items()):
+        values = [float("nan") if v is None else float(v) for v in values]
+        axes.plot(range(len(values)), values, label=label, linewidth=2,
+                  linestyle=styles[i % len(styles)], marker=markers[i % len(markers)])
+    axes.set_xlabel("Epochs")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    axes.legend()
+    axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return write_bytes(path, buffer.getvalue())
+
+
+def plot_metrics(folder: str | os.PathLike, rows: Sequence[Mapping]) -> List[Path]:
+    """BackdoorBench's two standard plots from per-epoch rows: ACC/ASR/RA and the three losses."""
+    folder = Path(folder)
+
+    def curves(names: Mapping[str, str]) -> Dict[str, List]:
+        return {label: [row.get(key) for row in rows] for key, label in names.items()
+                if any(row.get(key) is not None for row in rows)}
+
+    losses = curves(LOSSES)
+    finite = [v for values in losses.values() for v in values if v is not None and math.isfinite(v)]
+    return [plot_curves(folder / "acc_like_metric_plots.png", curves(ACC_LIKE), "ACC", ylim=(0, 1)),
+            plot_curves(folder / "loss_metric_plots.png", losses, "Loss",
+                        ylim=(0, max(finite) * 1.05) if finite and max(finite) > 0 else None)]
