@@ -1,6 +1,7 @@
 """Readers for datasets on disk. Nothing is ever downloaded: a missing dataset is a clear error."""
 from __future__ import annotations
 
+import csv
 import gzip
 import os
 import pickle
@@ -127,13 +128,112 @@ def _read_cifar_batch(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
+# The file types torchvision's ImageFolder accepts (BackdoorBench's Tiny-ImageNet is an ImageFolder).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def pil_to_tensor(image, channels: int, size: Optional[int] = None) -> torch.Tensor:
+    """A PIL image as uint8 (C, H, W) with `channels` channels, resized (bilinear, like torchvision's
+    Resize on PIL images) to size x size when it differs."""
+    from PIL import Image
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    array = np.array(image, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _read_images(paths: list[Path], labels: list[int], channels: int, size: int, what: str) -> ImageSet:
+    from PIL import Image
+    if not paths:
+        raise DatasetNotFound(f"no {what} images found; check the dataset folder")
+    images = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                images[i] = pil_to_tensor(image, channels, size)
+        except FileNotFoundError:
+            raise DatasetNotFound(f"{what} image {path} is missing; re-install the dataset") from None
+    return ImageSet(images, torch.tensor(labels, dtype=torch.long))
+
+
+def _gtsrb_csv(csv_path: Path, folder: Path) -> tuple[list[Path], list[int]]:
+    if not csv_path.is_file():
+        raise DatasetNotFound(f"GTSRB annotation file {csv_path} not found; unpack GTSRB's Train/ and Test/ "
+                              f"folders (with their GT-*.csv files) into {csv_path.parent.parent}")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f, delimiter=";"))[1:]
+    return [folder / row[0] for row in rows if row], [int(row[7]) for row in rows if row]
+
+
+def load_gtsrb(train: bool, root: str | os.PathLike, size: int = 32) -> ImageSet:
+    """GTSRB as BackdoorBench reads it: `Train/000NN/GT-000NN.csv` for classes 0-42 in order, and
+    `Test/GT-final_test.csv`; column 0 is the file, column 7 the class. Images are resized to size x size."""
+    root = Path(root)
+    paths, labels = [], []
+    if train:
+        for c in range(43):
+            folder = root / "Train" / f"{c:05d}"
+            p, l = _gtsrb_csv(folder / f"GT-{c:05d}.csv", folder)
+            paths += p
+            labels += l
+    else:
+        paths, labels = _gtsrb_csv(root / "Test" / "GT-final_test.csv", root / "Test")
+    return _read_images(paths, labels, 3, size, "GTSRB")
+
+
+def _image_folder(split: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """torchvision ImageFolder's order: classes sorted, then files of each class's tree in sorted walk order."""
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(split / name, followlinks=True)):
+            for file in sorted(files):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(Path(folder) / file)
+                    labels.append(index)
+    return paths, labels
+
+
+def load_tiny(train: bool, root: str | os.PathLike) -> ImageSet:
+    """Tiny-ImageNet-200 as BackdoorBench's ImageFolder reads `tiny-imagenet-200/{train,val}`. The val split
+    may still be in the download's layout (`val/images` + `val_annotations.txt`); it is read in place, in the
+    order BackdoorBench's reorganised folder would give, without moving any file."""
+    root = Path(root)
+    base = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
+    train_dir = base / "train"
+    if not train_dir.is_dir():
+        raise DatasetNotFound(f"Tiny-ImageNet folder {base / 'train'} not found; unpack tiny-imagenet-200.zip "
+                              f"into {root}")
+    classes = sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir())
+    if train:
+        paths, labels = _image_folder(train_dir, classes)
+    else:
+        val = base / "val"
+        annotations = val / "val_annotations.txt"
+        if annotations.is_file() and (val / "images").is_dir():
+            index = {name: i for i, name in enumerate(classes)}
+            rows = [line.split() for line in annotations.read_text().splitlines() if line.strip()]
+            pairs = sorted((index[row[1]], row[0]) for row in rows)
+            paths, labels = [val / "images" / file for _, file in pairs], [c for c, _ in pairs]
+        else:
+            val_classes = sorted(entry.name for entry in os.scandir(val) if entry.is_dir()) if val.is_dir() else []
+            if val_classes and val_classes != classes:
+                raise DatasetNotFound(f"{val} has {len(val_classes)} class folders but train has {len(classes)}; "
+                                      f"re-unpack Tiny-ImageNet")
+            paths, labels = _image_folder(val, classes)
+    return _read_images(paths, labels, 3, 64, "Tiny-ImageNet")
+
+
 def load_dataset(name: str, train: bool, root: Optional[str | os.PathLike] = None) -> ImageSet:
     """Load a dataset by name from `root` (Fashion-MNIST also looks in the Debian package's folder)."""
     spec = dataset_spec(name)
     if spec.name in ("fashion_mnist", "mnist"):
         return load_mnist_like(train, root, fashion=spec.name == "fashion_mnist")
+    if root is None:
+        raise DatasetNotFound(f"{spec.name} needs a data root (--data-root) holding its files")
     if spec.name in ("cifar10", "cifar100"):
-        if root is None:
-            raise DatasetNotFound(f"{spec.name} needs a data root (--data-root) holding its python batches")
         return load_cifar(train, root, classes=spec.num_classes)
-    raise DatasetNotFound(f"no standalone reader for {spec.name} yet; use a BackdoorBench record folder")
+    if spec.name == "gtsrb":
+        return load_gtsrb(train, root, spec.size)
+    return load_tiny(train, root)
