@@ -203,12 +203,18 @@ def _infer_in_channels(state_dict: dict) -> int:
     return int(first_conv.shape[1]) if first_conv is not None else 3
 
 
-def _infer_num_classes(model_name: str, state_dict: dict) -> Optional[int]:
+def _head_layer(model_name: str, state_dict: dict) -> Optional[str]:
+    """The classifier module: the architecture's default D3 layer, else the last matrix's module."""
     for layer in default_layers(model_name) or []:
-        weight = state_dict.get(f"{layer}.weight")
-        if weight is not None:
-            return int(weight.shape[0])
-    return None
+        if f"{layer}.weight" in state_dict:
+            return layer
+    matrices = [k for k, v in state_dict.items() if k.endswith(".weight") and torch.is_tensor(v) and v.dim() == 2]
+    return matrices[-1][: -len(".weight")] if matrices else None
+
+
+def _infer_num_classes(model_name: str, state_dict: dict) -> Optional[int]:
+    layer = _head_layer(model_name, state_dict)
+    return int(state_dict[f"{layer}.weight"].shape[0]) if layer else None
 
 
 def model_from_record(record_or_triplet, model_name: Optional[str] = None) -> nn.Module:
@@ -252,7 +258,7 @@ def align_state_dict(model: nn.Module, state: dict, name: str = "model", num_cla
              if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
         key, got, want = wrong[0]
-        if key.rsplit(".", 1)[0] in (default_layers(name) or []) and got[:1] != want[:1]:
+        if key.rsplit(".", 1)[0] == _head_layer(name, expected) and got[:1] != want[:1]:
             raise ValueError(f"class count mismatch: the checkpoint's {key} has {got[0]} classes but "
                              f"{num_classes} were asked for; pass the right number of classes")
         listed = ", ".join(f"{k} {g} vs {w}" for k, g, w in wrong[:3])
