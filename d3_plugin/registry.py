@@ -34,7 +34,6 @@ import builtins
 import dataclasses
 import hashlib
 import importlib
-import importlib.metadata
 import json
 import sys
 from dataclasses import dataclass, field
@@ -43,9 +42,10 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import yaml
 
+from . import plugins
 from .shipped import shipped_folder
 
-ENTRY_POINT_GROUP = "backdoorbench.defenses"
+ENTRY_POINT_GROUP = plugins.DEFENSES
 DATA_KINDS = ("clean", "none", "poisoned")
 BASE_KEYS = ("all", "default", "common", "*")
 
@@ -154,13 +154,13 @@ def _yaml_entries(folder: Optional[Path] = None) -> Dict[str, Entry]:
 
 
 def _plugin_entries() -> Dict[str, Entry]:
-    """Entries for every entry point in the `backdoorbench.defenses` group (loaded lazily on use)."""
+    """Entries for every plugin of the `backdoorbench.defenses` entry-point group."""
     found = {}
-    for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        origin = f"entry point {point.name} = {point.value}"
+    for point in plugins.discover(plugins.DEFENSES):
+        origin = f"entry point {point.name} = {point.value}" + (f" ({point.distribution})" if point.distribution else "")
         try:
             obj = point.load()
-        except Exception as error:  # a broken plugin is listed, not fatal
+        except Exception as error:  # a broken plugin is listed with its error, not fatal
             found[point.name.lower()] = Entry(point.name.lower(), entry_point=point.name, origin=origin,
                                               notes=f"failed to load: {error}")
             continue
@@ -171,7 +171,7 @@ def _plugin_entries() -> Dict[str, Entry]:
                           notes=(obj.__doc__ or "").strip().split("\n")[0])
             entry.plugin = obj
         entry.entry_point = point.name
-        found[entry.name] = entry
+        found.setdefault(entry.name, entry)
     return found
 
 
