@@ -37,11 +37,10 @@ def test_preactresnet18_key_parity():
 def test_preactresnet18_forward_and_classes():
     model = build_model("preactresnet18", 43).eval()
     with torch.no_grad():
-        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 43)
-        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 43)  # adaptive pooling: tiny's 64x64 too
-    grey = build_model("preactresnet18", 10, in_channels=1)
-    assert grey.state_dict()["conv1.weight"].shape == (64, 1, 3, 3)
-    assert grey(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        assert model(torch.randn(2, 3, 16, 16)).shape == (2, 43)  # adaptive pooling: any input size
+        grey = build_model("preactresnet18", 10, in_channels=1)
+        assert grey.state_dict()["conv1.weight"].shape == (64, 1, 3, 3)
+        assert grey(torch.randn(1, 1, 12, 12)).shape == (1, 10)
 
 
 BACKDOORBENCH_NAMES = ["preactresnet18", "resnet18", "resnet34", "resnet50", "alexnet", "vgg11", "vgg16", "vgg19",
@@ -81,11 +80,11 @@ def test_zoo_heads_and_key_counts(name, head, expected_keys):
     assert state[head].shape[0] == 10
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "squeezenet1_0"])
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_0"])
 def test_small_zoo_forward(name):
     model = build_model(name, 10).eval()
     with torch.no_grad():
-        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
 def test_rgb_only_models_refuse_grey_input():
