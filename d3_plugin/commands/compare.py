@@ -1,0 +1,55 @@
+"""`d3-plugin compare`: several defenses on one attack record, same reserved subset and seed, one table."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "compare"
+HELP = ("run several defenses on one BackdoorBench attack record with the same reserved data and seed; "
+        "print one table and save it as Markdown, CSV, JSON and a bar chart")
+DEFAULT_DEFENSES = "d3,ft,ft-sam,fst,nad,anp,fp,i-bau,aft"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--result_file", required=True,
+                        help="attack record folder (record/<attack>) or its attack_result.pt")
+    parser.add_argument("--defenses", default=DEFAULT_DEFENSES,
+                        help=f"comma-separated registry names (default {DEFAULT_DEFENSES}); prefix bb: to force "
+                             "the BackdoorBench script, e.g. bb:ft; see `python -m d3_plugin.registry`")
+    parser.add_argument("--epochs", type=int, help="training epochs for every defense (default: each one's own)")
+    parser.add_argument("--ratio", type=float, default=0.05, help="reserved clean fraction of the training set")
+    parser.add_argument("--index", help="reserved-set index file (one integer a line) instead of --ratio")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the reserved draw and every defense")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--out", help="output folder (default <record>/compare)")
+    parser.add_argument("--data_root", help="dataset folder, if not where the record says")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="DEFENSE.PARAM=VALUE",
+                        help="override one hyper-parameter, e.g. --set d3.lam=5 (repeatable)")
+    parser.add_argument("--backdoorbench", metavar="PATH",
+                        help="BackdoorBench checkout in which script-only defenses (and bb:NAME) run")
+    parser.add_argument("--backdoorbench_python", default=None,
+                        help="python of the BackdoorBench environment (default: this python)")
+    parser.add_argument("--backdoorbench_device", default="cpu", help="--device passed to BackdoorBench scripts")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..backdoorbench.records import load_attack_result
+    from ..compare import bench_from_record, compare, parse_overrides, text_table
+
+    if args.epochs is not None and args.epochs < 0:
+        raise ValueError(f"--epochs must be ≥ 0, got {args.epochs}")
+    names = [n.strip() for n in args.defenses.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--defenses is empty; name at least one defense, e.g. --defenses d3,ft")
+    overrides = parse_overrides(args.overrides)
+    record = load_attack_result(args.result_file, args.data_root)
+    bench = bench_from_record(record, ratio=args.ratio, seed=args.seed, device=args.device, index_file=args.index)
+    out = Path(args.out) if args.out else Path(record.folder) / "compare"
+    print(f"compare on {record.folder} ({record.model_name}, {record.dataset}): {len(bench.reserved)} reserved "
+          f"samples, seed {args.seed}, device {bench.device}; results in {out}")
+    rows = compare(bench, names, epochs=args.epochs, out=out, overrides=overrides, backdoorbench=args.backdoorbench,
+                   bb_device=args.backdoorbench_device, bb_python=args.backdoorbench_python or sys.executable)
+    print(text_table(rows))
+    return 1 if any(row["error"] for row in rows) else 0

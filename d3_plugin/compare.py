@@ -1,0 +1,358 @@
+"""Compare defenses on one backdoored model: same reserved subset, same seed, one table.
+
+    bench = bench_from_record(load_attack_result("record/badnet"), ratio=0.05, seed=0, device="auto")
+    rows = compare(bench, ["d3", "ft", "ft-sam"], epochs=20, out="record/badnet/compare")
+
+Each row: defense, ACC, ASR, RA, DER (vs. the no-defense row), wall-clock seconds, config hash, error.
+The hash covers the defense's full configuration, the record, the reserved-set draw and the seed; a
+re-run with the same out folder reuses finished rows from `compare_cache.json` (failed rows are
+retried). One failing defense yields an error row and the others still run.
+
+Native defenses run in-process. A BackdoorBench script (entries with `backdoorbench:` and no native
+implementation, or any name prefixed `bb:`) runs in a checkout given by `backdoorbench=PATH` as
+    python defense/<name>.py --result_file <record> --yaml_path ./config/defense/<name>/<dataset>.yaml --device cpu
+and its `record/<result_file>/defense/<name>/<name>_df_summary.csv` is read back.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import registry
+from .backdoorbench.outputs import ensure_writable, write_bytes, write_json, write_text
+from .backdoorbench.reserved import reserved_indices
+from .data import DatasetSpec, ImageSet, Loader
+from .evaluation import evaluate, summarize
+from .training import resolve_device, seed_everything
+
+COLUMNS = ("defense", "acc", "asr", "ra", "der", "seconds", "config_hash", "error")
+NO_DEFENSE = "no defense"
+CACHE = "compare_cache.json"
+EPOCH_FIELDS = ("epochs", "teacher_epochs", "rounds")
+BB_PREFIX = "bb:"
+
+
+@dataclass
+class Bench:
+    """What every defense in a comparison shares."""
+
+    model: nn.Module
+    spec: DatasetSpec
+    reserved: ImageSet
+    clean_test: ImageSet
+    bd_test: ImageSet
+    device: torch.device
+    seed: int = 0
+    identity: Dict[str, Any] = field(default_factory=dict)  # record, reserved draw: enters every hash
+    record_folder: Optional[Path] = None
+    eval_batch_size: int = 512
+
+    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+        clean = Loader(self.clean_test, self.spec, self.eval_batch_size, device=self.device)
+        backdoor = Loader(self.bd_test, self.spec, self.eval_batch_size, device=self.device)
+        return evaluate(model, clean, backdoor)
+
+    def reserved_batches(self, batch_size: int) -> Loader:
+        return Loader(self.reserved, self.spec, batch_size, train=True, device=self.device, seed=self.seed)
+
+
+def bench_from_record(record, *, ratio: float = 0.05, seed: int = 0, device: str = "auto",
+                      index_file: Optional[str] = None) -> Bench:
+    """A Bench from a loaded BackdoorBench AttackRecord: the reserved set is BackdoorBench's draw."""
+    from .backdoorbench.defense import poisoned_only
+    from .backdoorbench.records import model_from_record
+
+    device = resolve_device(device)
+    index = reserved_indices(len(record.clean_train), ratio, index_file, seed)
+    identity = {"record": str(Path(record.folder).resolve()), "ratio": None if index_file else ratio,
+                "index_file": index_file, "reserved": len(index), "seed": seed}
+    return Bench(model_from_record(record).to(device), record.spec, record.clean_train.subset(index),
+                 record.clean_test, poisoned_only(record.bd_test), device, seed, identity, Path(record.folder))
+
+
+# --- planning: which runnable per requested name ------------------------------------------------------
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """['d3.lam=5', 'anp.iterations=200'] → {'d3': {'lam': 5}, 'anp': {'iterations': 200}} (YAML values)."""
+    import yaml
+    parsed: Dict[str, Dict[str, Any]] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        name, dot, param = key.rpartition(".")
+        if not sep or not dot or not name or not param:
+            raise ValueError(f"--set {item!r} must look like DEFENSE.PARAM=VALUE, e.g. d3.lam=5")
+        parsed.setdefault(name.lower(), {})[param] = yaml.safe_load(value)
+    return parsed
+
+
+def build_for(name: str, dataset: Optional[str], *, epochs: Optional[int] = None, seed: Optional[int] = None,
+              overrides: Optional[Mapping[str, Any]] = None):
+    """registry.build with the shared budget applied to the fields this defense's config has."""
+    fields = registry.config_fields(name) if registry.get(name).kind == "native" else None
+    shared: Dict[str, Any] = {}
+    if fields is not None:
+        if epochs is not None:
+            shared.update({f: epochs for f in EPOCH_FIELDS if f in fields})
+            entry_default = registry.get(name).hyperparameters(dataset)
+            if "adv_epochs" in fields and entry_default.get("adv_epochs", 0) > epochs:
+                shared["adv_epochs"] = epochs
+        if seed is not None and "seed" in fields:
+            shared["seed"] = seed
+    return registry.build(name, dataset, **{**shared, **dict(overrides or {})})
+
+
+# --- running ------------------------------------------------------------------------------------------
+
+def run_native(bench: Bench, defense: registry.Defense) -> Dict[str, Any]:
+    """Run one native defense on a copy of the bench model; ACC/ASR/RA and seconds."""
+    seed_everything(bench.seed)
+    batch_size = int(getattr(defense.config, "batch_size", None) or 256)
+    model = copy.deepcopy(bench.model).to(bench.device)
+    started = time.perf_counter()
+    purified, _ = defense(model, bench.reserved_batches(batch_size), progress=defense.name)
+    seconds = time.perf_counter() - started
+    return {**bench.evaluate(purified), "seconds": seconds}
+
+
+def bb_result_file(checkout: Path, record_folder: Path) -> str:
+    """`--result_file` for a checkout: the record folder relative to `<checkout>/record`."""
+    return os.path.relpath(Path(record_folder).resolve(), (Path(checkout) / "record").resolve())
+
+
+def bb_command(checkout: Path, entry: registry.Entry, record_folder: Path, dataset: str, device: str = "cpu",
+               python: str = sys.executable, overrides: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """The BackdoorBench command line for a script entry (or a plugin class through our runner)."""
+    checkout = Path(checkout)
+    script = entry.backdoorbench
+    if script:
+        if not (checkout / "defense" / f"{script}.py").is_file():
+            raise FileNotFoundError(f"{checkout}/defense/{script}.py not found; pass the root of a BackdoorBench "
+                                    "checkout to --backdoorbench")
+        command = [python, f"./defense/{script}.py"]
+    else:
+        script = entry.name
+        command = [python, "-m", "d3_plugin.registry", "run-class", entry.name]
+    config_dir = checkout / "config" / "defense" / script
+    yaml_name = f"{dataset}.yaml" if (config_dir / f"{dataset}.yaml").is_file() else "config.yaml"
+    command += ["--result_file", bb_result_file(checkout, record_folder),
+                "--yaml_path", f"./config/defense/{script}/{yaml_name}", "--dataset", dataset, "--device", device]
+    for key, value in (overrides or {}).items():
+        command += [f"--{key}", str(value)]
+    return command
+
+
+def read_bb_summary(folder: Path, name: str) -> Dict[str, float]:
+    """ACC/ASR/RA from `<name>_df_summary.csv` (row `last`), else the newest `*_df_summary.csv` there."""
+    folder = Path(folder)
+    path = folder / f"{name}_df_summary.csv"
+    if not path.is_file():
+        found = sorted(folder.glob("*_df_summary.csv"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"no {name}_df_summary.csv in {folder}; the BackdoorBench run wrote no summary")
+        path = found[-1]
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = {row[0]: row[1:] for row in csv.reader(f) if row}
+    header = rows.get("", None)
+    if header is None or "last" not in rows:
+        raise ValueError(f"{path} is not a BackdoorBench summary (needs a header and a `last` row)")
+    last = dict(zip(header, rows["last"]))
+    try:
+        return {"acc": float(last["test_acc"]), "asr": float(last["test_asr"]), "ra": float(last["test_ra"])}
+    except (KeyError, ValueError):
+        raise ValueError(f"{path} lacks numeric test_acc/test_asr/test_ra in its `last` row") from None
+
+
+def run_backdoorbench(bench: Bench, script: registry.ScriptDefense, checkout: Path, *, device: str = "cpu",
+                      python: str = sys.executable, runner: Callable = subprocess.run) -> Dict[str, Any]:
+    """Run a BackdoorBench defense script as a subprocess in `checkout`; read its summary back."""
+    if bench.record_folder is None:
+        raise ValueError("BackdoorBench scripts need an attack record folder; run compare with --result_file")
+    command = bb_command(checkout, script.entry, bench.record_folder, bench.spec.name, device, python,
+                         script.overrides)
+    started = time.perf_counter()
+    done = runner(command, cwd=str(checkout), capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout or "").strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{' '.join(command[1:3])} exited with status {done.returncode}: {tail[0]}")
+    folder = Path(bench.record_folder) / "defense" / (script.entry.backdoorbench or script.entry.name)
+    return {**read_bb_summary(folder, script.entry.backdoorbench or script.entry.name), "seconds": seconds}
+
+
+# --- the comparison -------------------------------------------------------------------------------------
+
+def _row(label: str, metrics: Mapping[str, Any], before: Optional[Mapping[str, float]], digest: str) -> Dict:
+    row = {"defense": label, "acc": metrics["acc"], "asr": metrics["asr"], "ra": metrics["ra"], "der": None,
+           "seconds": metrics.get("seconds", 0.0), "config_hash": digest, "error": ""}
+    if before is not None:
+        row["der"] = summarize(before, metrics)["der"]
+    return row
+
+
+def _error_row(label: str, digest: str, error: BaseException) -> Dict:
+    message = " ".join(f"{type(error).__name__}: {error}".split())
+    return {"defense": label, "acc": None, "asr": None, "ra": None, "der": None, "seconds": None,
+            "config_hash": digest, "error": message[:300]}
+
+
+def _load_cache(out: Optional[Path]) -> Dict[str, Dict]:
+    if out is None or not (out / CACHE).is_file():
+        return {}
+    try:
+        return json.loads((out / CACHE).read_text(encoding="utf-8")).get("rows", {})
+    except (OSError, ValueError):
+        return {}  # a damaged cache only costs recomputation
+
+
+def compare(bench: Bench, names: Sequence[str], *, epochs: Optional[int] = None, out: Optional[str | os.PathLike] = None,
+            overrides: Optional[Mapping[str, Mapping[str, Any]]] = None, backdoorbench: Optional[str] = None,
+            bb_device: str = "cpu", bb_python: str = sys.executable, runner: Callable = subprocess.run,
+            echo: Callable[[str], None] = print) -> List[Dict]:
+    """Run every defense in `names` on the bench; returns the rows (no-defense row first) and, with
+    `out`, writes compare.{md,csv,json,png} and the cache there."""
+    out = ensure_writable(out) if out is not None else None
+    cache = _load_cache(out)
+    overrides = {k.lower(): v for k, v in (overrides or {}).items()}
+    before_hash = registry.config_hash({"name": NO_DEFENSE, **bench.identity})
+    if before_hash in cache:
+        before_row = cache[before_hash]
+    else:
+        before_row = _row(NO_DEFENSE, bench.evaluate(bench.model), None, before_hash)
+        cache[before_hash] = before_row
+    before = {k: before_row[k] for k in ("acc", "asr", "ra")}
+    rows = [before_row]
+    for requested in tqdm(list(names), desc="defenses", disable=len(names) < 2):
+        row = _run_one(bench, requested.strip(), before, cache, epochs=epochs, overrides=overrides,
+                       backdoorbench=backdoorbench, bb_device=bb_device, bb_python=bb_python, runner=runner)
+        rows.append(row)
+        if not row["error"]:
+            cache[row["config_hash"]] = row
+        if out is not None:
+            write_json(out / CACHE, {"rows": cache})
+        echo(_progress_line(row))
+    if out is not None:
+        write_outputs(rows, out)
+    return rows
+
+
+def _run_one(bench, requested, before, cache, *, epochs, overrides, backdoorbench, bb_device, bb_python, runner):
+    force_bb = requested.lower().startswith(BB_PREFIX)
+    name = requested[len(BB_PREFIX):] if force_bb else requested
+    label = f"{name} (BackdoorBench)" if force_bb else name
+    digest = registry.config_hash({"name": requested, "unbuilt": True, **bench.identity})
+    try:
+        entry = registry.get(name)
+        if force_bb or entry.kind != "native":
+            if entry.kind == "unavailable" or (force_bb and not entry.backdoorbench):
+                raise ValueError(f"{entry.name} has no BackdoorBench script ({entry.notes or 'see its registry entry'})")
+            script = registry.ScriptDefense(entry, dict(overrides.get(entry.name, {})))
+            if epochs is not None:
+                script.overrides.setdefault("epochs", epochs)
+            digest = registry.config_hash({"run": script.config_dict(), "label": label, **bench.identity})
+            if digest in cache:
+                return cache[digest]
+            if backdoorbench is None:
+                raise ValueError(f"{entry.name} runs only as a BackdoorBench script; pass --backdoorbench PATH "
+                                 "of a BackdoorBench checkout")
+            metrics = run_backdoorbench(bench, script, Path(backdoorbench), device=bb_device, python=bb_python,
+                                        runner=runner)
+        else:
+            defense = build_for(entry.name, bench.spec.name, epochs=epochs, seed=bench.seed,
+                                overrides=overrides.get(entry.name))
+            digest = registry.config_hash({"run": defense.hash(), "label": label, **bench.identity})
+            if digest in cache:
+                return cache[digest]
+            metrics = run_native(bench, defense)
+        return _row(label, metrics, before, digest)
+    except Exception as error:  # one failing defense must not lose the others
+        return _error_row(label, digest, error)
+
+
+# --- output -------------------------------------------------------------------------------------------
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def _display(row: Mapping) -> List[str]:
+    seconds = "" if row.get("seconds") is None else f"{row['seconds']:.1f}"
+    return [row["defense"], _pct(row["acc"]), _pct(row["asr"]), _pct(row["ra"]), _pct(row["der"]), seconds,
+            row["config_hash"], row.get("error") or ""]
+
+
+HEADER = ["defense", "ACC %", "ASR %", "RA %", "DER %", "seconds", "config hash", "error"]
+
+
+def _progress_line(row: Mapping) -> str:
+    if row["error"]:
+        return f"{row['defense']}: FAILED {row['error']}"
+    return f"{row['defense']}: ACC {_pct(row['acc'])}  ASR {_pct(row['asr'])}  DER {_pct(row['der'])}"
+
+
+def markdown_table(rows: Sequence[Mapping]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for row in rows:
+        cells = [c.replace("|", "\\|") for c in _display(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table(rows: Sequence[Mapping]) -> str:
+    """Fixed-width table for the terminal (error column last, unpadded)."""
+    body = [HEADER] + [_display(r) for r in rows]
+    widths = [max(len(line[i]) for line in body) for i in range(len(HEADER) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in body)
+
+
+def csv_table(rows: Sequence[Mapping]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+    return buffer.getvalue()
+
+
+def bar_chart(rows: Sequence[Mapping]) -> bytes:
+    """PNG bytes: ACC, ASR and DER per defense (failed rows left empty)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["defense"] for r in rows]
+    positions = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4))
+    for offset, (key, name) in zip((-0.27, 0, 0.27), (("acc", "ACC"), ("asr", "ASR"), ("der", "DER"))):
+        ax.bar([p + offset for p in positions], [100 * (r[key] or 0) for r in rows], width=0.27, label=name)
+    ax.set_xticks(list(positions))
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_outputs(rows: Sequence[Mapping], out: str | os.PathLike) -> Dict[str, Path]:
+    """compare.md, compare.csv, compare.json and compare.png in `out`, each written atomically."""
+    out = Path(out)
+    return {"md": write_text(out / "compare.md", markdown_table(rows)),
+            "csv": write_text(out / "compare.csv", csv_table(rows)),
+            "json": write_json(out / "compare.json", {"columns": list(COLUMNS), "rows": list(rows)}),
+            "png": write_bytes(out / "compare.png", bar_chart(rows))}
