@@ -1,0 +1,162 @@
+"""`compare`: one table over many defenses, output files, failure isolation, cache, BackdoorBench scripts.
+
+Plumbing only, on a small synthetic record (defense efficacy is tested in test_defenses.py).
+"""
+import argparse
+import csv
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from d3_plugin import compare as cmp
+from d3_plugin.attacks import BadNets, poison_test_set
+from d3_plugin.backdoorbench import records
+from d3_plugin.data import ImageSet, dataset_spec
+from d3_plugin.models import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # far faster than 2 threads on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic(n: int, seed: int) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (n,), generator=g))
+
+
+@pytest.fixture
+def record(tmp_path):
+    torch.manual_seed(0)
+    test = synthetic(100, 1)
+    folder = tmp_path / "checkout" / "record" / "badnet_tiny"
+    folder.mkdir(parents=True)
+    return records.AttackRecord(folder=folder, checkout_root=tmp_path / "checkout", model_name="small_cnn",
+                                num_classes=10, dataset="fashion_mnist", spec=dataset_spec("fashion_mnist"),
+                                img_size=(28, 28, 1), state_dict=build_model("small_cnn", 10, 1, 28).state_dict(),
+                                clean_train=synthetic(400, 0), clean_test=test,
+                                bd_test=poison_test_set(test, BadNets(), 0))
+
+
+@pytest.fixture
+def bench(record):
+    return cmp.bench_from_record(record, ratio=0.25, seed=0, device="cpu")
+
+
+def test_reserved_subset_is_backdoorbenchs_draw(record):
+    bench = cmp.bench_from_record(record, ratio=0.05, seed=3, device="cpu")
+    random.seed(3)
+    expected = random.sample(range(400), int(400 * 0.05))
+    assert bench.reserved.source_index.tolist() == expected
+
+
+def test_writes_every_output_and_a_failure_stays_in_its_row(bench, tmp_path):
+    out = tmp_path / "out"
+    rows = cmp.compare(bench, ["ft", "fp", "nope", "nc", "fst"], epochs=1, out=out,
+                       overrides={"fp": {"layer": "features"}}, echo=lambda line: None)
+    by_name = {row["defense"]: row for row in rows}
+    assert list(by_name) == ["no defense", "ft", "fp", "nope", "nc", "fst"]
+    for name in ("no defense", "ft", "fst"):
+        assert not by_name[name]["error"] and 0 <= by_name[name]["acc"] <= 1, by_name[name]
+    assert by_name["no defense"]["der"] is None and 0 <= by_name["ft"]["der"] <= 1
+    assert "not an nn.Linear" in by_name["fp"]["error"]
+    assert "unknown defense 'nope'" in by_name["nope"]["error"]
+    assert "--backdoorbench" in by_name["nc"]["error"]
+    assert len({row["config_hash"] for row in rows}) == len(rows)
+
+    markdown = (out / "compare.md").read_text()
+    assert markdown.count("\n") == len(rows) + 2 and "unknown defense" in markdown
+    with open(out / "compare.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["defense"] for r in table] == list(by_name) and table[1]["error"] == ""
+    assert float(table[1]["acc"]) == pytest.approx(by_name["ft"]["acc"])
+    assert len(json.loads((out / "compare.json").read_text())["rows"]) == len(rows)
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp")), "temporary files are replaced atomically"
+
+
+def test_rerun_reuses_finished_rows_and_retries_failures(bench, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    kwargs = dict(epochs=1, out=out, overrides={"fp": {"layer": "features"}}, echo=lambda line: None)
+    first = cmp.compare(bench, ["ft", "fst", "fp"], **kwargs)
+    calls = []
+    real = cmp.run_native
+    monkeypatch.setattr(cmp, "run_native", lambda b, d: calls.append(d.name) or real(b, d))
+    again = cmp.compare(bench, ["ft", "fst", "fp"], **kwargs)
+    assert calls == ["fp"], "finished rows come from the cache; only the failed row is retried"
+    assert [r["acc"] for r in again[:3]] == [r["acc"] for r in first[:3]]
+    cmp.compare(bench, ["ft"], **{**kwargs, "epochs": 2})
+    assert calls == ["fp", "ft"], "another configuration has another hash and runs"
+
+
+def test_reads_backdoorbench_summary_csv(tmp_path):
+    folder = tmp_path / "defense" / "nc"
+    folder.mkdir(parents=True)
+    (folder / "nc_df_summary.csv").write_text(
+        ",train_epoch_loss_avg_over_batch,clean_test_loss_avg_over_batch,test_acc,test_asr,test_ra\n"
+        "last,0.31,0.4,0.9012,0.0123,0.8765\nvalid_max,0.9,0.9,0.91,0.99,0.88\n"
+        "exist_nan_value,False,False,False,False,False\n")
+    assert cmp.read_bb_summary(folder, "nc") == {"acc": 0.9012, "asr": 0.0123, "ra": 0.8765}
+    (folder / "nc_df_summary.csv").rename(folder / "other_df_summary.csv")
+    assert cmp.read_bb_summary(folder, "nc")["acc"] == 0.9012  # falls back to the summary that is there
+    (folder / "other_df_summary.csv").write_text(",test_acc\nvalid_max,0.5\n")
+    with pytest.raises(ValueError, match="`last` row"):
+        cmp.read_bb_summary(folder, "nc")
+    with pytest.raises(FileNotFoundError, match="no nc_df_summary.csv"):
+        cmp.read_bb_summary(tmp_path, "nc")
+
+
+def test_backdoorbench_scripts_run_in_the_checkout_and_land_in_the_table(bench, record, tmp_path):
+    checkout = record.checkout_root
+    (checkout / "defense").mkdir()
+    (checkout / "defense" / "nc.py").write_text("# stand-in")
+    (checkout / "config" / "defense" / "nc").mkdir(parents=True)
+    (checkout / "config" / "defense" / "nc" / "config.yaml").write_text("epochs: 1\n")
+    seen = []
+
+    def runner(command, cwd, **kwargs):
+        seen.append((command, cwd))
+        folder = Path(cwd) / "record" / command[command.index("--result_file") + 1] / "defense" / "nc"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "nc_df_summary.csv").write_text(",test_acc,test_asr,test_ra\nlast,0.5,0.25,0.4\n")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    rows = cmp.compare(bench, ["nc"], backdoorbench=str(checkout), runner=runner, echo=lambda line: None)
+    command, cwd = seen[0]
+    assert cwd == str(checkout)
+    assert command[1:] == ["./defense/nc.py", "--result_file", "badnet_tiny", "--yaml_path",
+                           "./config/defense/nc/config.yaml", "--dataset", "fashion_mnist", "--device", "cpu"]
+    assert (rows[1]["acc"], rows[1]["asr"], rows[1]["ra"]) == (0.5, 0.25, 0.4) and rows[1]["der"] is not None
+
+    def failing(command, cwd, **kwargs):
+        return subprocess.CompletedProcess(command, 1, "", "Traceback ...\nRuntimeError: CUDA missing\n")
+    rows = cmp.compare(bench, ["bb:ft"], backdoorbench=str(checkout), runner=failing, echo=lambda line: None)
+    assert "ft.py not found" in rows[1]["error"]
+    (checkout / "defense" / "ft.py").write_text("# stand-in")
+    rows = cmp.compare(bench, ["bb:ft"], backdoorbench=str(checkout), runner=failing, echo=lambda line: None)
+    assert rows[1]["defense"] == "ft (BackdoorBench)" and "CUDA missing" in rows[1]["error"]
+
+
+def test_command_line(record, tmp_path, monkeypatch, capsys):
+    from d3_plugin.commands import compare as command
+    monkeypatch.setattr(records, "load_attack_result", lambda path, data_root=None: record)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    out = tmp_path / "cli"
+    args = parser.parse_args(["--result_file", str(record.folder), "--defenses", "ft,d3", "--epochs", "1",
+                              "--ratio", "0.25", "--device", "cpu", "--out", str(out), "--set", "d3.lam=2"])
+    assert command.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "no defense" in printed and "d3" in printed and "ACC %" in printed
+    assert {p.name for p in out.iterdir()} >= {"compare.md", "compare.csv", "compare.json", "compare.png",
+                                               "compare_cache.json"}
+    with pytest.raises(ValueError, match="DEFENSE.PARAM=VALUE"):
+        cmp.parse_overrides(["lam=2"])
