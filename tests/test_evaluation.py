@@ -1,0 +1,92 @@
+"""ACC / ASR / RA through real Loaders with a stub model of known predictions, and the paper's DER."""
+import pytest
+import torch
+from torch import nn
+
+from d3_plugin.data import DatasetSpec, ImageSet, Loader
+from d3_plugin.evaluation import defense_effectiveness_rate, evaluate, summarize
+
+# mean 0, std 1: the loader feeds pixel / 255, so the stub can read the pixel value back exactly
+SPEC = DatasetSpec("stub", 10, 1, 4, (0.0,), (1.0,), crop_padding=4)
+
+
+class Answer(nn.Module):
+    """Predicts the class written in pixel (0, 0) of each image (one-hot logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Linear(1, 1)
+
+    def forward(self, x):
+        answer = (x[:, 0, 0, 0] * 255).round().long()
+        return nn.functional.one_hot(answer, 10).float() * 5
+
+
+def images_answering(answers):
+    images = torch.zeros(len(answers), 1, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.tensor(answers, dtype=torch.uint8)
+    return images
+
+
+def test_evaluate_counts_acc_asr_ra_over_several_batches():
+    labels = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    answers = [3, 1, 4, 0, 5, 9, 7, 6, 0, 3]  # 7 of 10 right
+    clean = ImageSet(images_answering(answers), torch.tensor(labels))
+    true = [1, 2, 3, 4, 5, 6, 7, 8]
+    bd_answers = [0, 0, 0, 4, 0, 6, 9, 8]  # 4 → target 0, 3 → true class, 1 → neither
+    backdoor = ImageSet(images_answering(bd_answers), torch.zeros(8, dtype=torch.long), torch.tensor(true),
+                        torch.ones(8, dtype=torch.bool))
+    model = Answer().train()
+    results = evaluate(model, Loader(clean, SPEC, 3), Loader(backdoor, SPEC, 3))
+    assert results["acc"] == pytest.approx(0.7)
+    assert results["asr"] == pytest.approx(0.5)
+    assert results["ra"] == pytest.approx(3 / 8)
+    assert results["clean_loss"] > 0 and results["bd_loss"] > 0
+    assert model.training  # the mode is restored
+
+
+def test_evaluate_with_one_loader_only():
+    clean = ImageSet(images_answering([2, 2]), torch.tensor([2, 5]))
+    results = evaluate(Answer(), Loader(clean, SPEC, 8))
+    assert set(results) == {"acc", "clean_loss"} and results["acc"] == 0.5
+
+
+# ---------------------------------------------------------------- DER (paper: Δ = before − after)
+
+@pytest.mark.parametrize("before, after, der", [
+    ((0.90, 0.95), (0.90, 0.95), 0.5),      # no change
+    ((0.90, 1.00), (0.90, 0.00), 1.0),      # perfect: ASR gone, ACC kept
+    ((0.90, 0.95), (0.88, 0.05), 0.94),     # (0.90 − 0.02 + 1) / 2
+    ((0.90, 0.10), (0.90, 0.40), 0.5),      # ASR rises: ΔASR clipped to 0
+    ((0.80, 0.95), (0.85, 0.15), 0.9),      # ACC rises: no bonus, (0.8 + 1) / 2
+    ((0.90, 0.10), (0.30, 0.60), 0.2),      # worst kind: ACC falls by 0.6, ASR rises
+    ((1.00, 0.00), (0.00, 1.00), 0.0),      # lower end of the range
+])
+def test_der_paper_formula(before, after, der):
+    assert defense_effectiveness_rate(before[0], before[1], after[0], after[1]) == pytest.approx(der)
+
+
+def _backdoorbench_der(acc_before, asr_before, acc_after, asr_after):
+    """BackdoorBench utils/metric.py `defense_effectiveness_rate`: it ADDS the ACC drop."""
+    return (max(0, asr_before - asr_after) + max(0, acc_before - acc_after) + 1) / 2
+
+
+def test_der_is_not_backdoorbench_formula():
+    case = (0.90, 0.95, 0.70, 0.05)  # a defense that costs 20 ACC points
+    ours = defense_effectiveness_rate(*case)
+    assert ours == pytest.approx(0.85)
+    assert _backdoorbench_der(*case) == pytest.approx(1.05)  # out of [0, 1]: rewards the ACC loss
+    assert ours < defense_effectiveness_rate(0.90, 0.95, 0.90, 0.05)  # losing ACC must lower DER
+
+
+@pytest.mark.parametrize("bad", [(90.0, 0.9, 0.9, 0.1), (0.9, -0.1, 0.9, 0.1), (0.9, 0.9, 1.01, 0.1),
+                                 (0.9, 0.9, 0.9, 95.0)])
+def test_der_rejects_values_outside_unit_interval(bad):
+    with pytest.raises(ValueError, match=r"fractions in \[0, 1\]"):
+        defense_effectiveness_rate(*bad)
+
+
+def test_summarize_reports_after_metrics_and_der():
+    before = {"acc": 0.9, "asr": 0.95, "ra": 0.04}
+    after = {"acc": 0.88, "asr": 0.05, "ra": 0.8, "clean_loss": 0.3}
+    assert summarize(before, after) == pytest.approx({"acc": 0.88, "asr": 0.05, "ra": 0.8, "der": 0.94})
