@@ -72,26 +72,32 @@ class ANPConfig:
         return asdict(self)
 
 
+def batchnorm_layers(model: nn.Module) -> Dict[str, nn.BatchNorm2d]:
+    """The model's affine BatchNorm2d layers by name (ANP's neurons); a clear error when there are none."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.affine}
+    if not layers:
+        raise ValueError("ANP prunes BatchNorm2d channels but the model has no (affine) BatchNorm2d; "
+                         "use another defense, e.g. fp or d3")
+    return layers
+
+
 class NeuronPerturbation:
     """Masks and bounded perturbations on every BatchNorm2d of a model, applied by forward hooks."""
 
     def __init__(self, model: nn.Module, eps: float):
-        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-        if not self.layers:
-            raise ValueError("ANP prunes BatchNorm2d channels but the model has none; use another defense (e.g. fp)")
+        self.layers = batchnorm_layers(model)
         self.eps, self.perturbed = eps, False
         self.masks, self.noise, self.noise_bias = {}, {}, {}
         for name, bn in self.layers.items():
-            like = bn.weight if bn.weight is not None else bn.running_mean
-            self.masks[name] = torch.ones_like(like, requires_grad=True)
-            self.noise[name] = torch.zeros_like(like, requires_grad=True)
-            self.noise_bias[name] = torch.zeros_like(like, requires_grad=True)
+            self.masks[name] = torch.ones_like(bn.weight, requires_grad=True)
+            self.noise[name] = torch.zeros_like(bn.weight, requires_grad=True)
+            self.noise_bias[name] = torch.zeros_like(bn.weight, requires_grad=True)
         self.handles = [bn.register_forward_hook(self._hook(name)) for name, bn in self.layers.items()]
 
     def _hook(self, name: str):
         def rewrite(module, _inputs, output):
             shape = (1, -1, 1, 1)
-            bias = module.bias.view(shape) if module.bias is not None else 0.0
+            bias = module.bias.view(shape)
             scale, shift = self.masks[name], 1.0
             if self.perturbed:
                 scale, shift = scale + self.noise[name], 1.0 + self.noise_bias[name].view(shape)
@@ -225,7 +231,7 @@ def defend(model: nn.Module, clean_batches, config: Optional[ANPConfig] = None, 
     and `on_epoch` of the pruned model.
     """
     config = config or ANPConfig()
-    NeuronPerturbation(copy.deepcopy(model), config.eps)  # fails fast, with a clear message, without BN
+    batchnorm_layers(model)  # fail fast, with a clear message, on a model without BN
     train, heldout = split_reserved(clean_batches, config.holdout, config.seed)
     mask_values, history = learn_masks(model, train, config, on_epoch=on_epoch, progress=progress)
     pruned, record = select_pruning(model, mask_values, heldout, config)

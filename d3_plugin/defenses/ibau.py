@@ -86,7 +86,7 @@ def hypergradient_objective(state: Dict[str, torch.Tensor], config: IBAUConfig, 
 
         n = len(inputs)
         chosen = torch.randperm(n, generator=generator)[:max(1, int(n * config.patch_portion))]
-        carries = torch.zeros((n, 1, 1, 1), device=inputs.device)
+        carries = torch.zeros((n,) + (1,) * (inputs.dim() - 1), device=inputs.device)
         carries[chosen.to(inputs.device)] = 1.0
         outer = F.cross_entropy(model(inputs + carries * delta), labels)
         (outer_grad,) = torch.autograd.grad(outer, delta, retain_graph=True)
