@@ -7,7 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 # Each module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
-COMMAND_MODULES = ["demo"]
+COMMAND_MODULES = ["demo", "defend", "install", "list"]
 
 
 class UserError(Exception):

@@ -1,0 +1,385 @@
+"""D3 as a BackdoorBench defense class: drop-in for `defense/<name>.py` scripts, and an entry point.
+
+    parser = argparse.ArgumentParser(); d3.add_arguments(parser); args = parser.parse_args()
+    d3(args).defense(args.result_file)     # from a BackdoorBench checkout root
+
+The class follows BackdoorBench's defense interface (add_arguments, __init__(args), set_result,
+set_logger, set_trainer, mitigation, defense) and subclasses its `defense.base.defense` when that is
+importable. It reads only `self.args`. The algorithm is `d3_plugin.d3.detoxify`; this module only maps
+BackdoorBench's settings onto `D3Config`, feeds it the reserved clean set, and writes BackdoorBench's
+result files: record/<attack>/defense/d3/{defense_result.pt, d3_df.csv, d3_df_summary.csv,
+acc_like_metric_plots.png, loss_metric_plots.png, d3_summary.json, log/index.txt, log/<time>.log}.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+from pathlib import Path
+from pprint import pformat
+from typing import Dict, List, Optional
+
+import torch
+import yaml
+
+from .. import __version__
+from ..d3 import D3Config, detoxify
+from ..data import Loader
+from ..data.readers import dataset_spec
+from ..evaluation import defense_effectiveness_rate, evaluate
+from ..models import default_layers
+from ..training import resolve_device, seed_everything
+from . import outputs
+from .records import (align_state_dict, load_attack_result, load_model_checkpoint, model_from_record,
+                      write_defense_result)
+from .reserved import reserved_indices
+
+try:  # inside a BackdoorBench checkout (cwd on sys.path) subclass its stub base class
+    from defense.base import defense as _BackdoorBenchDefense
+    if not isinstance(_BackdoorBenchDefense, type):
+        raise ImportError
+except Exception:  # noqa: BLE001 - any failure just means "not in a BackdoorBench checkout"
+    _BackdoorBenchDefense = object
+
+NAME = "d3"
+DEFAULT_YAML = "./config/defense/d3/config.yaml"
+LOG_FORMAT = "%(asctime)s [%(levelname)-8s] [%(filename)s:%(lineno)d] %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d:%H:%M:%S"
+logger = logging.getLogger("d3_plugin.backdoorbench")
+
+
+def _flag(text) -> bool:
+    """BackdoorBench's boolean options: True/true/1 are true, anything else false."""
+    return str(text) in ("True", "true", "1")
+
+
+def _as_bool(value) -> bool:
+    return value if isinstance(value, bool) else _flag(value)
+
+
+def read_yaml(path) -> dict:
+    """A defense config file as a dict; one-line errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; pass --yaml_path (e.g. "
+                                f"./config/defense/d3/cifar10.yaml after `d3-plugin install .`)")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML ({str(error).splitlines()[0]}); fix it") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value; fix it")
+    return loaded
+
+
+def record_location(result_file: str) -> Path:
+    """`result_file` as BackdoorBench means it (a folder name under ./record) or a path to a record folder."""
+    given = Path(result_file)
+    if given.name == "attack_result.pt":
+        return given.parent
+    if (given / "attack_result.pt").is_file() or given.is_absolute():
+        return given
+    return Path("record") / result_file
+
+
+@contextlib.contextmanager
+def one_line_errors(program: str = "d3"):
+    """Turn input errors into one line on stderr and exit status 2 (for scripts)."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense classes after their scripts
+    """D3 with BackdoorBench's defense interface (see the module docstring)."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Every option defaults to None (so the YAML decides) except --yaml_path."""
+        add = parser.add_argument
+        add("--device", type=str, help="auto (cuda when present), cpu, cuda, cuda:N")
+        add("-pm", "--pin_memory", type=_flag, help="accepted for compatibility (tensor loader)")
+        add("-nb", "--non_blocking", type=_flag, help="accepted for compatibility")
+        add("-pf", "--prefetch", type=_flag, help="accepted for compatibility")
+        add("--amp", type=_flag, help="accepted for compatibility; D3 runs in full precision")
+        add("--checkpoint_load", type=str, help="model checkpoint to purify instead of the record's model")
+        add("--checkpoint_save", type=str, help="folder for per-epoch checkpoints (default save_path/checkpoint)")
+        add("--log", type=str, help="folder for the log and index.txt (default save_path/log)")
+        add("--dataset_path", type=str, help="BackdoorBench's data folder (informational; see --data_root)")
+        add("--data_root", type=str, help="dataset folder to use instead of the record's data_path")
+        add("--dataset", type=str, help="mnist, cifar10, cifar100, gtsrb, tiny, fashion_mnist (must match the record)")
+        add("--result_file", type=str, help="attack folder under ./record, or a path to a record folder")
+        add("--epochs", type=int)
+        add("--batch_size", type=int)
+        add("--num_workers", type=float, help="accepted for compatibility")
+        add("--lr", type=float)
+        add("--lr_scheduler", type=str, help="CosineAnnealingLR (the only schedule D3 uses)")
+        add("--model", type=str, help="must match the record's model_name")
+        add("--client_optimizer", type=str, help="sgd (the only optimizer D3 uses)")
+        add("--sgd_momentum", type=float)
+        add("--wd", type=float, help="weight decay of sgd")
+        add("--frequency_save", type=int, help="save a checkpoint every N epochs, 0 is never")
+        add("--random_seed", type=int, help="seeds the reserved-set draw, warm start and shuffling")
+        add("--yaml_path", type=str, default=DEFAULT_YAML, help="the config file")
+        add("--ratio", type=float, help="fraction of the clean training set reserved for the defense")
+        add("--index", type=str, help="file of reserved-set indices (overrides --ratio)")
+        add("--lmd", "--lam", dest="lmd", type=float, help="λ, weight of the clean-loss hinge")
+        add("--eps", type=float, help="ε, the clean-loss threshold of the hinge")
+        add("--Lp", type=float, help="norm of the distance; only 2 (Frobenius) is supported")
+        add("--warm_up_method", type=str, help="near | middle | far | noise | random")
+        add("--select_layer_name", type=str, help="module(s) whose weights D3 moves, comma-separated "
+            "(default: the architecture's, e.g. linear)")
+        add("--hinge", type=str, help="sample (mean of per-sample hinges) | batch (hinge of the mean)")
+        add("--normalize", type=_flag, help="divide the loss by λ+1 when λ > 1")
+        add("--train_mode", type=_flag, help="update BN statistics while training (True) or freeze them")
+
+    def __init__(self, args: argparse.Namespace):
+        settings = read_yaml(args.yaml_path)
+        self.cli_keys = {k for k, v in vars(args).items() if v is not None and k != "yaml_path"}
+        settings.update({k: v for k, v in vars(args).items() if v is not None})
+        args.__dict__ = settings
+        args.terminal_info = sys.argv
+        self.args = args
+        self.result = None
+        self._describe_dataset(args.dataset if getattr(args, "dataset", None) else None)
+        if getattr(args, "result_file", None):
+            self.set_result(args.result_file)
+
+    def _describe_dataset(self, name: Optional[str], img_size=None) -> None:
+        """BackdoorBench's derived settings: num_classes, input_height/width/channel, img_size."""
+        if name is None:
+            return
+        try:
+            spec = dataset_spec(name)
+        except ValueError:
+            return  # judged against the record in set_result
+        size = tuple(img_size) if img_size is not None else (spec.size, spec.size, spec.channels)
+        self.args.num_classes = spec.num_classes
+        self.args.input_height, self.args.input_width, self.args.input_channel = size
+        self.args.img_size = size
+
+    def set_result(self, result_file: str) -> None:
+        """Load record/<result_file>/attack_result.pt and prepare record/<result_file>/defense/d3/."""
+        folder = record_location(result_file)
+        if self.result is not None and Path(self.result.folder).resolve() == folder.resolve():
+            return  # already loaded (BackdoorBench calls set_result from __init__ and from defense)
+        record = load_attack_result(folder, data_root=getattr(self.args, "data_root", None))
+        self._agree_with(record)
+        save_path = Path(record.folder) / "defense" / NAME
+        args = self.args
+        args.save_path = f"{save_path}/"
+        args.checkpoint_save = getattr(args, "checkpoint_save", None) or f"{save_path}/checkpoint/"
+        args.log = getattr(args, "log", None) or f"{save_path}/log/"
+        for folder_path in (save_path, args.checkpoint_save, args.log):
+            outputs.ensure_writable(folder_path)
+        self.result = record
+
+    def _agree_with(self, record) -> None:
+        """The record decides model and dataset; a different one named on the command line is an error."""
+        args = self.args
+        given_dataset = getattr(args, "dataset", None)
+        if "dataset" in self.cli_keys and dataset_spec(given_dataset).name != record.spec.name:
+            raise ValueError(f"--dataset {given_dataset} but the record holds {record.dataset}; drop --dataset "
+                             f"or pick the matching record")
+        if "model" in self.cli_keys and args.model != record.model_name:
+            raise ValueError(f"--model {args.model} but the record holds a {record.model_name}; drop --model "
+                             f"or pick the matching record")
+        args.model, args.dataset = record.model_name, record.dataset
+        self._describe_dataset(record.dataset, getattr(record, "img_size", None))
+        args.num_classes = record.num_classes
+
+    def set_logger(self) -> None:
+        """Log to log/%Y_%m_%d_%H_%M_%S.log and stdout (stderr stays for errors), in BackdoorBench's format."""
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        formatter = logging.Formatter(fmt=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
+        log_file = Path(self.args.log) / (time.strftime("%Y_%m_%d_%H_%M_%S", time.localtime()) + ".log")
+        for handler in (logging.FileHandler(log_file), logging.StreamHandler(sys.stdout)):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        self.log_file = log_file
+        logger.info(pformat(self.args.__dict__))
+
+    def d3_config(self) -> D3Config:
+        """BackdoorBench/authors' setting names → D3Config (unset ones keep D3Config's defaults)."""
+        args = self.args
+        self._supported("Lp", (2, 2.0), "D3 measures distance with the Frobenius norm; set Lp: 2")
+        self._supported("client_optimizer", ("sgd",), "D3 uses SGD; set client_optimizer: sgd")
+        self._supported("lr_scheduler", ("CosineAnnealingLR",), "D3 uses a cosine schedule; set "
+                        "lr_scheduler: CosineAnnealingLR")
+        get = lambda key: getattr(args, key, None)  # noqa: E731
+        layers = get("select_layer_name")
+        if isinstance(layers, str):
+            layers = [name.strip() for name in layers.split(",") if name.strip()]
+        values = {"lam": get("lmd") if get("lmd") is not None else get("lam"), "eps": get("eps"),
+                  "hinge": get("hinge"), "normalize": get("normalize"), "warm_start": get("warm_up_method"),
+                  "epochs": get("epochs"), "lr": get("lr"), "momentum": get("sgd_momentum"),
+                  "weight_decay": get("wd"), "batch_size": get("batch_size"), "bn_train": get("train_mode"),
+                  "seed": get("random_seed")}
+        types = {"lam": float, "eps": float, "lr": float, "momentum": float, "weight_decay": float,
+                 "epochs": int, "batch_size": int, "seed": int, "normalize": _as_bool, "bn_train": _as_bool}
+        values = {k: types.get(k, str)(v) for k, v in values.items() if v is not None}
+        values["layers"] = layers or default_layers(args.model)
+        return D3Config(**values)
+
+    def _supported(self, key: str, allowed: tuple, fix: str) -> None:
+        value = getattr(self.args, key, None)
+        if value is not None and value not in allowed:
+            raise ValueError(f"{key}={value!r} is not supported; {fix}")
+
+    def set_trainer(self, model) -> None:
+        """Bind the model and its D3Config; `self.trainer(batches, on_epoch=)` runs detoxify."""
+        self.model = model
+        self.config = self.d3_config()
+
+        def trainer(batches, on_epoch=None):
+            return detoxify(self.model, batches, self.config, on_epoch=on_epoch, progress="d3")
+        self.trainer = trainer
+
+    def _device(self):
+        device = str(getattr(self.args, "device", None) or "auto")
+        if "," in device:  # BackdoorBench's "cuda:2,3" DataParallel syntax: run on the first one
+            device = device.split(",")[0]
+            logger.warning("multi-GPU device lists are not supported; using %s", device)
+        return resolve_device(device)
+
+    def _load_model(self):
+        """The record's model, or (`checkpoint_load`) the same architecture with a checkpoint's weights."""
+        model = model_from_record(self.result)
+        checkpoint = getattr(self.args, "checkpoint_load", None)
+        if checkpoint:
+            name, classes, state = load_model_checkpoint(checkpoint)
+            if (name and name != self.args.model) or (classes and classes != self.args.num_classes):
+                raise ValueError(f"checkpoint {checkpoint} holds a {name} with {classes} classes but the record "
+                                 f"a {self.args.model} with {self.args.num_classes}; pass a matching checkpoint")
+            model.load_state_dict(align_state_dict(model, state, self.args.model, self.args.num_classes))
+        return model
+
+    def mitigation(self) -> Dict:
+        """Purify the record's model with D3 on the reserved clean set; write every result file."""
+        args, record = self.args, self.result
+        if record is None:
+            raise ValueError("no attack result loaded; pass --result_file")
+        started = time.time()
+        device = self._device()
+        seed = int(getattr(args, "random_seed", None) or 0)
+        seed_everything(seed)
+        self.set_trainer(self._load_model().to(device))
+        index = reserved_indices(len(record.clean_train), getattr(args, "ratio", None),
+                                 getattr(args, "index", None), seed)
+        batch_size = self.config.batch_size
+        reserved = Loader(record.clean_train.subset(index), record.spec, batch_size, train=True,
+                          device=device, seed=seed)
+        clean_test = Loader(record.clean_test, record.spec, batch_size, device=device)
+        bd_test = Loader(poisoned_only(record.bd_test), record.spec, batch_size, device=device)
+        logger.info("D3 on %s (%s, %s) with %d reserved samples on %s; config %s", record.folder,
+                    args.model, record.dataset, len(index), device, self.config.to_dict())
+        if getattr(args, "amp", False):
+            logger.info("amp is ignored: D3 runs in full precision")
+
+        before = evaluate(self.model, clean_test, bd_test)
+        logger.info("before: %s", _rounded(before))
+        purified, history = self.trainer(reserved, on_epoch=self._on_epoch(clean_test, bd_test))
+        after = _metrics(history[-1]) if history else before  # the last epoch's evaluation
+        logger.info("after: %s", _rounded(after))
+        summary = self._summary(before, after, history, index, device, time.time() - started)
+        self._write(purified, history, index, summary)
+        return {"model": purified, "before": before, "after": after, "history": history, "summary": summary}
+
+    def _on_epoch(self, clean_test, bd_test):
+        frequency = int(getattr(self.args, "frequency_save", None) or 0)
+
+        def on_epoch(epoch: int, model) -> Dict[str, float]:
+            metrics = evaluate(model, clean_test, bd_test)
+            logger.info("epoch %d: %s", epoch - 1, _rounded(metrics))
+            if frequency and epoch % frequency == 0:
+                write_defense_result(Path(self.args.checkpoint_save) / f"{NAME}_epoch_{epoch - 1}.pt",
+                                     self.args.model, self.args.num_classes, _cpu_state(model))
+            return metrics
+        return on_epoch
+
+    def _summary(self, before, after, history, index, device, seconds) -> Dict:
+        args = self.args
+        keys = ("acc", "asr", "ra")
+        return {"defense": NAME, "d3_plugin_version": __version__, "record": str(self.result.folder),
+                "model": args.model, "dataset": args.dataset, "device": str(device),
+                "reserved": {"size": len(index), "ratio": getattr(args, "ratio", None),
+                             "index_file": getattr(args, "index", None), "random_seed": args.random_seed
+                             if getattr(args, "random_seed", None) is not None else 0},
+                "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
+                "der": defense_effectiveness_rate(before["acc"], before["asr"], after["acc"], after["asr"]),
+                "config": self.config.to_dict(), "seconds": round(seconds, 2), "history": history}
+
+    def _write(self, purified, history, index, summary) -> None:
+        """All result files, each atomically; the JSON summary last (its presence marks a finished run)."""
+        save = Path(self.args.save_path)
+        rows = [epoch_row(h) for h in history]
+        write_defense_result(save / "defense_result.pt", self.args.model, self.args.num_classes,
+                             _cpu_state(purified))
+        outputs.write_metric_table(save / f"{NAME}_df.csv", rows)
+        outputs.write_summary_table(save / f"{NAME}_df_summary.csv", rows)
+        if rows:
+            outputs.plot_metrics(save, rows)
+        outputs.write_index(Path(self.args.log) / "index.txt", index)
+        outputs.write_json(save / f"{NAME}_summary.json", summary)
+        logger.info("results in %s", save)
+
+    def defense(self, result_file: str) -> Dict:
+        self.set_result(result_file)
+        self.set_logger()
+        try:
+            return self.mitigation()
+        except Exception as error:
+            logger.error("%s: %s", type(error).__name__, error)
+            raise
+
+
+def poisoned_only(bd_test):
+    """The poisoned samples of a backdoor test set (ASR and RA are measured on these only)."""
+    keep = torch.nonzero(bd_test.poisoned).flatten()
+    if len(keep) == 0:
+        raise ValueError("the record's poisoned test set holds no poisoned sample; ASR cannot be measured, "
+                         "re-create the attack record")
+    return bd_test if len(keep) == len(bd_test) else bd_test.subset(keep)
+
+
+def epoch_row(history_row: Dict[str, float]) -> Dict[str, float]:
+    """A history row of detoxify → BackdoorBench's per-epoch columns (epoch counted from 0)."""
+    return {"epoch": int(history_row["epoch"]) - 1,
+            "train_epoch_loss_avg_over_batch": history_row.get("loss"),
+            "clean_test_loss_avg_over_batch": history_row.get("clean_loss"),
+            "bd_test_loss_avg_over_batch": history_row.get("bd_loss"),
+            "test_acc": history_row.get("acc"), "test_asr": history_row.get("asr"),
+            "test_ra": history_row.get("ra")}
+
+
+def _metrics(row: Dict[str, float]) -> Dict[str, float]:
+    return {k: row[k] for k in ("acc", "asr", "ra", "clean_loss", "bd_loss") if k in row}
+
+
+def _cpu_state(model) -> Dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _rounded(metrics: Dict[str, float]) -> Dict[str, float]:
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    """BackdoorBench's standard `__main__` for this class (what the installed defense/d3.py runs)."""
+    parser = argparse.ArgumentParser(description="D3 (Distance-Driven Detoxification) backdoor defense")
+    d3.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.result_file:
+        parser.error("--result_file is required (a folder under ./record)")
+    with one_line_errors(parser.prog):
+        return d3(args).defense(args.result_file)

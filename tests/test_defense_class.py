@@ -1,0 +1,269 @@
+"""The BackdoorBench defense class: settings merge, reserved-set draw, result files, and a subprocess run
+of the installed defense/d3.py in a fake checkout on a record of real Fashion-MNIST images."""
+import argparse
+import csv
+import gzip
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from d3_plugin.attacks.badnets import BadNets
+from d3_plugin.attacks.base import poison_test_set, poison_training_set
+from d3_plugin.attacks.training import TrainConfig, train_model
+from d3_plugin.backdoorbench import install, outputs
+from d3_plugin.backdoorbench.defense import d3, main
+from d3_plugin.backdoorbench.records import model_from_record, write_attack_record
+from d3_plugin.backdoorbench.reserved import EmptyReservedSet, draw_reserved, reserved_indices
+from d3_plugin.backdoorbench.safe_load import safe_torch_load
+from d3_plugin.data import dataset_spec, load_dataset
+from d3_plugin.models import build_model
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+COLUMNS = ["", "epoch", "train_epoch_loss_avg_over_batch", "clean_test_loss_avg_over_batch",
+           "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra"]
+RECORD = "badnet_fmnist"
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    d3.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+# --- settings --------------------------------------------------------------------------------------
+
+def test_every_option_but_yaml_path_defaults_to_none():
+    args = parse([])
+    assert {k for k, v in vars(args).items() if v is not None} == {"yaml_path"}
+
+
+def test_yaml_then_cli_merge_and_mapping_onto_d3config(tmp_path):
+    config = tmp_path / "d3.yaml"
+    config.write_text("model: preactresnet18\nepochs: 100\nlmd: 10.0\neps: 0.1\nlr: 0.01\nwd: 0.0\n"
+                      "train_mode: True\nwarm_up_method: random\nratio: 0.05\nrandom_seed: 0\n")
+    defense = d3(parse(["--yaml_path", str(config), "--epochs", "3", "--eps", "0.2",
+                        "--train_mode", "false", "--select_layer_name", "linear,layer4"]))
+    args = defense.args
+    assert (args.epochs, args.eps, args.lmd, args.ratio, args.lr) == (3, 0.2, 10.0, 0.05, 0.01)
+    assert args.train_mode is False and "device" not in vars(args)  # unset CLI options add nothing
+    cfg = defense.d3_config()
+    assert (cfg.lam, cfg.eps, cfg.epochs, cfg.lr, cfg.bn_train, cfg.warm_start) == (10.0, 0.2, 3, 0.01, False,
+                                                                                       "random")
+    assert list(cfg.layers) == ["linear", "layer4"]
+    default = d3(parse(["--yaml_path", str(config)])).d3_config()
+    assert list(default.layers) == ["linear"]  # preactresnet18's default θs
+
+
+def test_unsupported_settings_are_one_line_errors(tmp_path):
+    config = tmp_path / "d3.yaml"
+    config.write_text("model: small_cnn\nlr_scheduler: ReduceLROnPlateau\n")
+    with pytest.raises(ValueError, match="cosine"):
+        d3(parse(["--yaml_path", str(config)])).d3_config()
+    with pytest.raises(ValueError, match="warm_start"):
+        d3(parse(["--yaml_path", str(config), "--lr_scheduler", "CosineAnnealingLR",
+                  "--warm_up_method", "sideways"])).d3_config()
+    with pytest.raises(FileNotFoundError, match="--yaml_path"):
+        d3(parse(["--yaml_path", str(tmp_path / "missing.yaml")]))
+
+
+# --- reserved set and table helpers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("n,ratio,seed", [(50000, 0.05, 0), (60000, 0.01, 3), (1234, 0.1, 7)])
+def test_reserved_draw_equals_backdoorbench_random_sample(n, ratio, seed):
+    state = random.getstate()
+    random.seed(seed)
+    expected = random.sample(range(n), int(n * ratio))
+    random.setstate(state)
+    drawn = draw_reserved(n, ratio, seed)
+    assert drawn.tolist() == expected
+    assert random.getstate() == state  # the global generator is left alone
+
+
+def test_reserved_index_file_and_empty_set(tmp_path):
+    index = tmp_path / "index.txt"
+    outputs.write_index(index, [5, 0, 9])
+    assert index.read_text() == "5\n0\n9\n"
+    assert reserved_indices(10, index_file=str(index)).tolist() == [5, 0, 9]
+    with pytest.raises(ValueError, match="outside"):
+        reserved_indices(8, index_file=str(index))
+    with pytest.raises(EmptyReservedSet, match="empty"):
+        reserved_indices(10, ratio=0.05)
+
+
+def test_metric_tables_follow_backdoorbench_layout(tmp_path):
+    rows = [{"epoch": 0, "test_acc": 0.5, "bd_test_loss_avg_over_batch": float("nan")},
+            {"epoch": 1, "test_acc": 0.25, "bd_test_loss_avg_over_batch": 1.5}]
+    outputs.write_metric_table(tmp_path / "m_df.csv", rows)
+    outputs.write_summary_table(tmp_path / "m_df_summary.csv", rows)
+    table = list(csv.reader(open(tmp_path / "m_df.csv")))
+    assert table == [["", "epoch", "test_acc", "bd_test_loss_avg_over_batch"],
+                     ["0", "0", "0.5", "nan_value"], ["1", "1", "0.25", "1.5"]]
+    summary = {row[0]: row[1:] for row in csv.reader(open(tmp_path / "m_df_summary.csv"))}
+    assert summary["last"] == ["1", "0.25", "1.5"]
+    assert summary["valid_max"] == ["1", "0.5", "1.5"]
+    assert summary["exist_nan_value"] == ["False", "False", "True"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_unwritable_output_folder_is_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="cannot write to output folder"):
+        outputs.ensure_writable(blocker / "sub")
+
+
+# --- a fake BackdoorBench checkout with a real record ------------------------------------------------
+
+TRAIN_SIZE, TEST_SIZE = 1000, 300  # a real Fashion-MNIST subset keeps the whole file fast on 2 cores
+
+
+def write_idx(path, array):
+    """An idx file of unsigned bytes, gzipped (the format of the Fashion-MNIST distribution)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """<root>/{defense/d3.py, config/defense/d3/, data/fashion_mnist/, record/badnet_fmnist/}."""
+    root = tmp_path_factory.mktemp("BackdoorBench")
+    (root / "defense").mkdir()
+    (root / "config").mkdir()
+    install.install(root)
+    data = root / "data" / "fashion_mnist"
+    data.mkdir(parents=True)
+    for prefix, full, size in (("train", load_dataset("fashion_mnist", True, FASHION_MNIST), TRAIN_SIZE),
+                               ("t10k", load_dataset("fashion_mnist", False, FASHION_MNIST), TEST_SIZE)):
+        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", full.images[:size, 0].numpy())
+        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", full.labels[:size].numpy())
+    spec = dataset_spec("fashion_mnist")
+    train, test = load_dataset("fashion_mnist", True, data), load_dataset("fashion_mnist", False, data)
+    trigger = BadNets()
+    poisoned = poison_training_set(train, trigger, 0.1, target=0)
+    torch.manual_seed(0)
+    model, _ = train_model(build_model("small_cnn", 10, 1, 28), poisoned, spec,
+                           TrainConfig(epochs=1, batch_size=64, lr=0.05))
+    write_attack_record(root / "record" / RECORD, model_name="small_cnn", num_classes=10,
+                        state_dict=model.state_dict(), dataset="fashion_mnist", data_path="./data/fashion_mnist",
+                        img_size=(28, 28, 1), bd_train=poisoned.subset(torch.nonzero(poisoned.poisoned).flatten()),
+                        bd_test=poison_test_set(test, trigger, target=0), clean_train_size=TRAIN_SIZE,
+                        clean_test_size=TEST_SIZE)
+    return root
+
+
+def clone_checkout(checkout, tmp_path):
+    """Another checkout sharing config/ and data/, with its own copy of the record (PNG paths included)."""
+    root = tmp_path / "clone"
+    (root / "record").mkdir(parents=True)
+    for shared in ("config", "data"):
+        (root / shared).symlink_to(checkout / shared)
+    shutil.copytree(checkout / "record" / RECORD, root / "record" / RECORD, ignore=shutil.ignore_patterns("defense"))
+    return root
+
+
+def test_installed_script_runs_in_a_checkout_and_writes_every_output(checkout):
+    command = [sys.executable, "defense/d3.py", "--result_file", RECORD, "--yaml_path",
+               "./config/defense/d3/mnist.yaml", "--epochs", "2", "--ratio", "0.2", "--batch_size", "128"]
+    done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    save = checkout / "record" / RECORD / "defense" / "d3"
+
+    table = list(csv.reader(open(save / "d3_df.csv")))
+    assert table[0] == COLUMNS and len(table) == 3
+    rows = [dict(zip(COLUMNS, map(float, row))) for row in table[1:]]
+    assert [r[""] for r in rows] == [0, 1] and [r["epoch"] for r in rows] == [0, 1]
+    for row in rows:
+        assert all(0.0 <= row[k] <= 1.0 for k in ("test_acc", "test_asr", "test_ra"))
+        assert all(math.isfinite(row[k]) for k in COLUMNS[2:5])
+    summary = {row[0]: row[1:] for row in csv.reader(open(save / "d3_df_summary.csv"))}
+    assert set(summary) == {"", "last", "valid_max", "exist_nan_value"} and summary[""] == COLUMNS[1:]
+    assert [float(v) for v in summary["last"]] == [rows[-1][c] for c in COLUMNS[1:]]
+    assert [float(v) for v in summary["valid_max"]] == [max(r[c] for r in rows) for c in COLUMNS[1:]]
+    assert summary["exist_nan_value"] == ["False"] * 7
+
+    for plot in ("acc_like_metric_plots.png", "loss_metric_plots.png"):
+        with Image.open(save / plot) as image:
+            assert image.format == "PNG" and image.size == (1280, 960)
+
+    result = safe_torch_load(save / "defense_result.pt")
+    assert set(result) == {"model_name", "num_classes", "model"}
+    assert (result["model_name"], result["num_classes"]) == ("small_cnn", 10)
+    purified = model_from_record(("small_cnn", 10, result["model"]))
+    attacked = safe_torch_load(checkout / "record" / RECORD / "attack_result.pt")["model"]
+    linear = [k for k, m in purified.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name in linear:  # D3 moved θs away but kept each on its norm sphere
+        before, after = attacked[f"{name}.weight"], result["model"][f"{name}.weight"]
+        assert not torch.allclose(before, after)
+        assert torch.linalg.vector_norm(after).item() == pytest.approx(torch.linalg.vector_norm(before).item(),
+                                                                       rel=1e-4)
+
+    random.seed(0)
+    assert np.loadtxt(save / "log" / "index.txt", dtype=int).tolist() == random.sample(range(TRAIN_SIZE), int(TRAIN_SIZE * 0.2))
+    logs = list((save / "log").glob("*.log"))
+    assert len(logs) == 1 and "[INFO    ] [defense.py:" in logs[0].read_text()
+    assert (save / "checkpoint").is_dir()
+
+    report = json.loads((save / "d3_summary.json").read_text())
+    assert report["after"]["acc"] == pytest.approx(rows[-1]["test_acc"])
+    assert report["after"]["asr"] == pytest.approx(rows[-1]["test_asr"])
+    assert 0.0 <= report["der"] <= 1.0 and set(report["before"]) == {"acc", "asr", "ra"}
+    assert report["reserved"]["size"] == int(TRAIN_SIZE * 0.2) and report["model"] == "small_cnn"
+    assert (report["config"]["lam"], report["config"]["eps"], report["config"]["epochs"]) == (10.0, 0.1, 2)
+    assert not list(save.rglob(".*.tmp"))
+
+
+def run_failing(checkout, monkeypatch, capsys, *argv):
+    monkeypatch.chdir(checkout)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--yaml_path", "./config/defense/d3/mnist.yaml", "--epochs", "1", *argv])
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "error:" in message  # stderr holds exactly one line
+    return message
+
+
+@pytest.mark.parametrize("case", ["truncated", "missing_png", "empty_reserved", "unwritable", "model_mismatch",
+                                  "missing_dataset", "unknown_model", "class_mismatch"])
+def test_bad_input_is_one_line_and_writes_no_result(checkout, tmp_path, monkeypatch, capsys, case):
+    root = clone_checkout(checkout, tmp_path)
+    record = root / "record" / RECORD
+    argv = ["--result_file", RECORD]
+    if case == "truncated":
+        pt = record / "attack_result.pt"
+        pt.write_bytes(pt.read_bytes()[:1000])
+    elif case == "missing_png":
+        next((record / "bd_test_dataset").rglob("*.png")).unlink()
+    elif case == "empty_reserved":
+        argv += ["--ratio", "0.0001"]
+    elif case == "unwritable":
+        (record / "defense").write_text("a file where the output folder should be")
+    elif case == "model_mismatch":
+        argv += ["--model", "preactresnet18"]
+    elif case in ("unknown_model", "class_mismatch"):
+        pt = record / "attack_result.pt"
+        loaded = safe_torch_load(pt)
+        loaded.update(model_name="nosuchnet") if case == "unknown_model" else loaded.update(num_classes=43)
+        torch.save(loaded, pt)
+    else:  # an MNIST record in a checkout without data/mnist (Fashion-MNIST would fall back to the system copy)
+        pt = record / "attack_result.pt"
+        loaded = safe_torch_load(pt)
+        loaded.update(clean_data="mnist", data_path="./data/mnist")
+        torch.save(loaded, pt)
+    message = run_failing(root, monkeypatch, capsys, *argv)
+    expected = {"truncated": "attack_result.pt", "missing_png": "not found", "empty_reserved": "empty",
+                "unwritable": "cannot write", "model_mismatch": "small_cnn", "missing_dataset": "data/mnist",
+                "unknown_model": "nosuchnet", "class_mismatch": "43"}[case]
+    assert expected in message
+    results = {"defense_result.pt", "d3_df.csv", "d3_df_summary.csv", "d3_summary.json", "index.txt",
+               "acc_like_metric_plots.png", "loss_metric_plots.png"}
+    assert not [p for p in record.rglob("*") if p.name in results]
