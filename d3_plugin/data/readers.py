@@ -110,9 +110,10 @@ def load_cifar(train: bool, root: str | os.PathLike, *, classes: int = 10) -> Im
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
-    """CIFAR batches are pickles of plain dicts, lists, bytes and numpy arrays; refuse anything else."""
+    """CIFAR batches are pickles of plain dicts, lists, bytes and numpy arrays; refuse anything else.
+    (`_codecs.encode` is how Python 3 writes bytes at pickle protocol 2: str → bytes, nothing else.)"""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ALLOWED = {("_codecs", "encode"), ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
                ("numpy._core.multiarray", "scalar")}
 
