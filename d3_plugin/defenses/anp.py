@@ -18,7 +18,7 @@ Implementation: the perturbation is a forward hook on each BatchNorm2d rewriting
 The masks are trained through the common `fit` loop (objective = the ANP loss, after_step = clip).
 
 Defaults and their source (paper = Wu & Wang 2021; BB = BackdoorBench config/defense/anp):
-    eps=0.4, alpha=0.2, steps=1, iterations=2000, batch 256     paper / BB
+    eps=0.4, alpha=0.2, steps=1, iterations=2000, batch 256     paper / BB  (`epochs`, if set, wins)
     mask_lr=0.2 (SGD, momentum 0.9)                             ANP authors' code (BB uses lr 0.01)
     prune_by="threshold", prune_max=0.9, prune_step=0.05        BB
     acc_tolerance=0.1 (relative held-out accuracy drop)         BB's acc_ratio, applied to held-out data
@@ -48,6 +48,7 @@ class ANPConfig:
     alpha: float = 0.2
     steps: int = 1
     iterations: int = 2000
+    epochs: Optional[int] = None  # when set: passes over the mask-learning split, instead of `iterations`
     mask_lr: float = 0.2
     momentum: float = 0.9
     batch_size: int = 256
@@ -65,8 +66,9 @@ class ANPConfig:
             raise ValueError(f"prune_by must be one of {PRUNE_BY}, got {self.prune_by!r}")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
-        if self.eps < 0 or self.steps < 0 or self.iterations < 0 or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError("ANP needs eps ≥ 0, steps ≥ 0, iterations ≥ 0 and alpha in [0, 1]")
+        if self.eps < 0 or self.steps < 0 or self.iterations < 0 or (self.epochs or 0) < 0 \
+                or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("ANP needs eps, steps, iterations and epochs ≥ 0 and alpha in [0, 1]")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,7 +175,7 @@ def learn_masks(model: nn.Module, batches, config: ANPConfig, *, on_epoch=None, 
         p.requires_grad_(False)
     perturbation = NeuronPerturbation(scratch, config.eps)
     optimizer = torch.optim.SGD(list(perturbation.masks.values()), lr=config.mask_lr, momentum=config.momentum)
-    epochs = math.ceil(config.iterations / max(len(batches), 1))
+    epochs = config.epochs if config.epochs is not None else math.ceil(config.iterations / max(len(batches), 1))
     generator = torch.Generator().manual_seed(config.seed)
     history = fit(scratch, batches, optimizer, anp_objective(perturbation, config, generator), epochs,
                   after_step=lambda _: perturbation.clip_masks(), bn_train=config.bn_train,
