@@ -1,0 +1,100 @@
+"""One registry of attacks: name → `Attack` (trigger factory, clean-label flag, default parameters).
+
+Built-in attacks are module-level `Attack` objects below; other packages add theirs through the
+entry-point group `backdoorbench.attacks` (`name = package.module:attack_object`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Dict, Mapping, Optional
+
+from ..data import ImageSet
+from .badnets import BadNets
+from .base import Trigger, poison_test_set, poison_training_set
+from .blended import Blended
+from .lf import LowFrequency
+from .sig import SIG
+from .wanet import WaNet, poison_with_cross
+
+ENTRY_POINT_GROUP = "backdoorbench.attacks"
+
+
+@dataclass(frozen=True)
+class Attack:
+    """How to run one attack: `trigger(**trigger_params)` builds the trigger; `poison(train, trigger,
+    ratio, target, clean_label=, seed=, **poison_params)` builds the poisoned training set."""
+
+    name: str
+    trigger: Callable[..., Trigger]
+    description: str
+    clean_label: bool = False
+    trigger_params: Mapping[str, Any] = field(default_factory=dict)
+    poison_params: Mapping[str, Any] = field(default_factory=dict)
+    poison: Callable[..., ImageSet] = poison_training_set
+    ratio: float = 0.1
+    target: int = 0
+
+    def split_params(self, params: Optional[Mapping[str, Any]] = None) -> tuple[dict, dict]:
+        """Defaults overridden by `params`, split into (trigger params, poisoning params)."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.trigger_params) - set(self.poison_params))
+        if unknown:
+            known = ", ".join(sorted({**self.trigger_params, **self.poison_params})) or "none"
+            raise ValueError(f"attack {self.name!r} has no parameter {', '.join(unknown)}; known: {known}")
+        trigger = {k: params.get(k, v) for k, v in self.trigger_params.items()}
+        poison = {k: params.get(k, v) for k, v in self.poison_params.items()}
+        return trigger, poison
+
+    def make_trigger(self, **params) -> Trigger:
+        return self.trigger(**self.split_params(params)[0])
+
+    def poison_train(self, train: ImageSet, *, ratio: Optional[float] = None, target: Optional[int] = None,
+                     seed: int = 0, **params) -> ImageSet:
+        trigger_params, poison_params = self.split_params(params)
+        return self.poison(train, self.trigger(**trigger_params), self.ratio if ratio is None else ratio,
+                           self.target if target is None else target, clean_label=self.clean_label, seed=seed,
+                           **poison_params)
+
+    def poison_test(self, test: ImageSet, *, target: Optional[int] = None, **params) -> ImageSet:
+        """The backdoor test set (non-target samples, triggered, labelled target)."""
+        return poison_test_set(test, self.make_trigger(**params), self.target if target is None else target)
+
+
+def _blended_trigger(alpha: float = 0.2, seed: int = 0, image: Optional[str] = None) -> Blended:
+    return Blended.from_image(image, alpha) if image else Blended(alpha=alpha, seed=seed)
+
+
+badnets = Attack("badnets", BadNets, "3×3 white patch, bottom-right (Gu et al. 2017)",
+                 trigger_params={"size": 3, "position": "bottom-right", "value": 255, "margin": 0})
+blended = Attack("blended", _blended_trigger, "image alpha-blended with a noise pattern or image, α = 0.2 "
+                 "(Chen et al. 2017)", trigger_params={"alpha": 0.2, "seed": 0, "image": None})
+sig = Attack("sig", SIG, "clean-label sinusoidal signal Δ = 40, f = 6 (Barni et al. 2019)", clean_label=True,
+             trigger_params={"delta": 40.0, "frequency": 6.0})
+wanet = Attack("wanet", WaNet, "smooth warping field k = 4, s = 0.5, noise mode cross ratio 2 "
+               "(Nguyen & Tran 2021)", trigger_params={"k": 4, "s": 0.5, "grid_rescale": 1.0, "seed": 0},
+               poison_params={"cross_ratio": 2.0}, poison=poison_with_cross)
+lf = Attack("lf", LowFrequency, "low-pass filtered seeded noise, additive, range 0–51 (after Zeng et al. "
+            "2021; not adversarially optimised)", trigger_params={"cutoff": 3.0, "budget": 51.0, "seed": 0})
+
+BUILTIN: Dict[str, Attack] = {a.name: a for a in (badnets, blended, sig, wanet, lf)}
+
+
+def attacks() -> Dict[str, Attack]:
+    """Every attack: built-ins plus those registered under the `backdoorbench.attacks` entry points."""
+    found = dict(BUILTIN)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name not in found:
+            attack = point.load()
+            if not isinstance(attack, Attack):
+                raise TypeError(f"entry point {point.name} = {point.value} is not a d3_plugin Attack")
+            found[point.name] = attack
+    return found
+
+
+def get_attack(name: str) -> Attack:
+    key = name.lower().replace("-", "_")
+    available = attacks()
+    if key not in available:
+        raise ValueError(f"unknown attack {name!r}; available: {', '.join(sorted(available))}")
+    return available[key]
