@@ -256,7 +256,8 @@ def _run_one(bench, requested, before, cache, *, epochs, overrides, backdoorbenc
     try:
         entry = registry.get(name)
         if force_bb or entry.kind != "native":
-            if entry.kind == "unavailable" or (force_bb and not entry.backdoorbench):
+            runnable = entry.backdoorbench or isinstance(entry.plugin, type)
+            if entry.kind == "unavailable" or not runnable:
                 raise ValueError(f"{entry.name} has no BackdoorBench script ({entry.notes or 'see its registry entry'})")
             script = registry.ScriptDefense(entry, dict(overrides.get(entry.name, {})))
             if epochs is not None:
