@@ -24,6 +24,7 @@ from d3_plugin.backdoorbench.defense import d3, main
 from d3_plugin.backdoorbench.records import model_from_record, write_attack_record
 from d3_plugin.backdoorbench.reserved import EmptyReservedSet, draw_reserved, reserved_indices
 from d3_plugin.backdoorbench.safe_load import safe_torch_load
+from d3_plugin.commands import defend
 from d3_plugin.data import dataset_spec, load_dataset
 from d3_plugin.models import build_model
 
@@ -220,6 +221,21 @@ def test_installed_script_runs_in_a_checkout_and_writes_every_output(checkout):
     assert report["reserved"]["size"] == int(TRAIN_SIZE * 0.2) and report["model"] == "small_cnn"
     assert (report["config"]["lam"], report["config"]["eps"], report["config"]["epochs"]) == (10.0, 0.1, 2)
     assert not list(save.rglob(".*.tmp"))
+
+
+def test_standalone_defend_command_with_checkout_option(checkout, tmp_path, capsys):
+    root = clone_checkout(checkout, tmp_path)
+    parser = argparse.ArgumentParser()
+    defend.add_arguments(parser)
+    args = parser.parse_args(["--result_file", RECORD, "--checkout", str(root), "--epochs", "1", "--ratio", "0.1",
+                              "--lmd", "5", "--select_layer_name", "fc"])
+    assert Path(args.yaml_path).is_file()  # the shipped config.yaml
+    assert defend.run(args) == 0
+    assert "ACC" in capsys.readouterr().out
+    save = root / "record" / RECORD / "defense" / "d3"
+    report = json.loads((save / "d3_summary.json").read_text())
+    assert report["config"]["lam"] == 5.0 and report["config"]["layers"] == ["fc"]
+    assert len(list(csv.reader(open(save / "d3_df.csv")))) == 2
 
 
 def run_failing(checkout, monkeypatch, capsys, *argv):

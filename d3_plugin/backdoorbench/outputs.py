@@ -158,6 +158,7 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, Sequence[float]], 
     directly, so the caller's pyplot backend is left alone."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(12.8, 9.6))
     FigureCanvasAgg(figure)
@@ -168,6 +169,7 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, Sequence[float]], 
         values = [float("nan") if v is None else float(v) for v in values]
         axes.plot(range(len(values)), values, label=label, linewidth=2,
                   linestyle=styles[i % len(styles)], marker=markers[i % len(markers)])
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("Epochs")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
