@@ -1,0 +1,145 @@
+"""`d3-plugin attack <name>`: train a backdoored model on CPU/GPU and save a BackdoorBench record;
+`d3-plugin attack sam-flatten --result_file X`: flatten an existing record's backdoor with (A)SAM."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..attacks import TrainConfig, train_model
+from ..attacks.record import epoch_evaluator, flatness_batches, flatness_of, save_record
+from ..attacks.registry import attacks, get_attack
+from ..attacks.sam_flatten import FlattenConfig, sam_flatten
+from ..data import load_dataset
+from ..data.readers import dataset_spec
+from ..models import build_model
+from ..training import resolve_device, seed_everything
+
+NAME = "attack"
+HELP = "train a backdoor attack (or SAM-flatten one) and save it as a BackdoorBench record folder"
+FLATTEN = "sam-flatten"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("attack", help=f"attack name ({', '.join(sorted(attacks()))}) or {FLATTEN}")
+    parser.add_argument("--out", required=True, help="record folder to write: <checkout>/record/<name>")
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 10; sam-flatten 5)")
+    parser.add_argument("--ratio", type=float, default=None, help="poisoning ratio (default: the attack's, 0.1)")
+    parser.add_argument("--target", type=int, default=0)
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="attack parameter, e.g. alpha=0.3 (repeatable; values parsed as YAML)")
+    parser.add_argument("--train-size", type=int, default=None, help="train on a seeded subset of this size")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    sam = parser.add_argument_group("SAM flattening")
+    sam.add_argument("--result_file", "--result-file", dest="result_file", default=None,
+                     help="sam-flatten: the record folder (or its attack_result.pt) to flatten")
+    sam.add_argument("--rho", "--sam-rho", dest="rho", type=float, default=None,
+                     help="SAM radius (adaptive SAM: 1–3 as in the paper); with an attack name: flatten after "
+                          "training")
+    sam.add_argument("--sam-epochs", type=int, default=5, help="SAM epochs after training an attack")
+    sam.add_argument("--plain-sam", action="store_true", help="plain SAM instead of adaptive SAM (ASAM)")
+    sam.add_argument("--hessian-iterations", type=int, default=20,
+                     help="power iterations for the top Hessian eigenvalue (0: skip)")
+
+
+def parse_params(pairs) -> dict:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param takes KEY=VALUE, got {pair!r}")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+def run(args) -> int:
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    if args.attack == FLATTEN:
+        return _run_flatten(args, device)
+    if args.result_file:
+        raise ValueError("--result_file is only for `attack sam-flatten`; drop it or use sam-flatten")
+    return _run_attack(args, device)
+
+
+def _flatten(model, poisoned_train, spec, args, device, epochs, test, bd_test):
+    """(A)SAM-flatten `model`; returns (model, history, info) with the backdoor-loss flatness before and
+    after, measured on a fixed sample of the poisoned test set."""
+    config = FlattenConfig(rho=args.rho, adaptive=not args.plain_sam, epochs=epochs,
+                           lr=args.lr or FlattenConfig.lr, batch_size=args.batch_size, seed=args.seed)
+    batches = flatness_batches(bd_test, spec, device)
+    before = flatness_of(model, batches, args.hessian_iterations)
+    model, history = sam_flatten(model, poisoned_train, spec, config, device=device,
+                                 on_epoch=epoch_evaluator(test, bd_test, spec, device, "sam"),
+                                 progress="sam")
+    after = flatness_of(model, batches, args.hessian_iterations)
+    print(f"backdoor-loss flatness before SAM: {_fmt(before)}\n                          after SAM: {_fmt(after)}")
+    return model, history, {"sam": config.to_dict(), "flatness_before": before, "flatness_after": after}
+
+
+def _fmt(flatness: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in flatness.items())
+
+
+def _run_attack(args, device) -> int:
+    attack = get_attack(args.attack)
+    params = parse_params(args.param)
+    spec = dataset_spec(args.dataset)
+    train, test = load_dataset(spec.name, True, args.data_root), load_dataset(spec.name, False, args.data_root)
+    full_size = len(train)
+    if args.train_size:
+        order = torch.randperm(full_size, generator=torch.Generator().manual_seed(args.seed))
+        train = train.subset(order[:args.train_size].sort().values)
+    poisoned = attack.poison_train(train, ratio=args.ratio, target=args.target, seed=args.seed, **params)
+    bd_test = attack.poison_test(test, target=args.target, **params)
+    model = build_model(args.model, spec.num_classes, spec.channels, spec.size)
+    config = TrainConfig(epochs=args.epochs or 10, lr=args.lr or TrainConfig.lr, batch_size=args.batch_size,
+                         seed=args.seed)
+    model, history = train_model(model, poisoned, spec, config, device=device,
+                                 on_epoch=epoch_evaluator(test, bd_test, spec, device), progress=attack.name)
+    info = {"attack": attack.name, "params": dict(kv for part in attack.split_params(params) for kv in part.items()), "ratio": args.ratio or attack.ratio,
+            "target": args.target, "clean_label": attack.clean_label, "poisoned_samples": int(poisoned.poisoned.sum()),
+            "train_size": len(train), "train": config.to_dict(), "model": args.model}
+    if args.rho is not None:
+        model, sam_history, sam_info = _flatten(model, poisoned, spec, args, device, args.sam_epochs, test, bd_test)
+        history += sam_history
+        info.update(sam_info)
+    _report(history)
+    save_record(args.out, model.cpu(), model_name=args.model, num_classes=spec.num_classes, spec=spec,
+                poisoned_train=poisoned, bd_test=bd_test, history=history, info=info, clean_train_size=full_size)
+    print(f"saved {Path(args.out) / 'attack_result.pt'}")
+    return 0
+
+
+def _run_flatten(args, device) -> int:
+    from ..backdoorbench.records import load_attack_result, model_from_record
+
+    if not args.result_file or args.rho is None:
+        raise ValueError("sam-flatten needs --result_file <record folder> and --rho (e.g. 2.0)")
+    record = load_attack_result(args.result_file, args.data_root)
+    if record.bd_train is None:
+        raise ValueError(f"{args.result_file} holds no poisoned training set (bd_train); flatten a record "
+                         f"that has one")
+    model = model_from_record(record).to(device)
+    model, history, info = _flatten(model, record.bd_train, record.spec, args, device, args.epochs or 5,
+                                    record.clean_test, record.bd_test)
+    info.update({"source_record": str(record.folder), "model": record.model_name})
+    _report(history)
+    save_record(args.out, model.cpu(), model_name=record.model_name, num_classes=record.num_classes,
+                spec=record.spec, poisoned_train=record.bd_train, bd_test=record.bd_test, history=history,
+                info=info, clean_train_size=len(record.clean_train))
+    print(f"saved {Path(args.out) / 'attack_result.pt'}")
+    return 0
+
+
+def _report(history) -> None:
+    last = history[-1]
+    print(f"ACC {last['acc']:.2%}  ASR {last['asr']:.2%}  RA {last['ra']:.2%}")
