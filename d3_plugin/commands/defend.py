@@ -20,13 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backdoorbench.defense import d3, record_location
+    from ..backdoorbench.defense import d3
 
     if not args.result_file:
         raise ValueError("--result_file is required: an attack folder under <checkout>/record or a record path")
     checkout = args.__dict__.pop("checkout", None)
-    if checkout and not Path(args.result_file).is_absolute() and not Path(args.result_file).exists():
-        args.result_file = str(Path(checkout) / record_location(args.result_file))
+    if checkout and not Path(args.result_file).is_absolute():
+        inside = Path(checkout) / args.result_file  # a path relative to the checkout, e.g. record/<attack>
+        args.result_file = str(inside if (inside / "attack_result.pt").is_file()
+                               else Path(checkout) / "record" / args.result_file)
     result = d3(args).defense(args.result_file)
     summary = result["summary"]
     before, after = summary["before"], summary["after"]
