@@ -86,9 +86,8 @@ def distance(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor])
 def project(weights: Dict[str, torch.Tensor], norms: Dict[str, torch.Tensor]) -> None:
     """Rescale each W in place onto ‖W‖_F = norms[name] (a zero W has no direction and is left alone)."""
     for name, w in weights.items():
-        current = torch.linalg.vector_norm(w)
-        if current > 0:
-            w.mul_(norms[name] / current)
+        current = torch.linalg.vector_norm(w)  # no `if current > 0`: that would sync the host every step
+        w.mul_(torch.where(current > 0, norms[name] / current, torch.ones_like(current)))
 
 
 @torch.no_grad()
