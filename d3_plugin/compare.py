@@ -36,6 +36,7 @@ from .backdoorbench.outputs import ensure_writable, write_bytes, write_json, wri
 from .backdoorbench.reserved import reserved_indices
 from .data import DatasetSpec, ImageSet, Loader
 from .evaluation import evaluate, summarize
+from .models import default_layers
 from .training import resolve_device, seed_everything
 
 COLUMNS = ("defense", "acc", "asr", "ra", "der", "seconds", "config_hash", "error")
@@ -59,6 +60,8 @@ class Bench:
     identity: Dict[str, Any] = field(default_factory=dict)  # record, reserved draw: enters every hash
     record_folder: Optional[Path] = None
     eval_batch_size: int = 512
+    model_name: Optional[str] = None  # picks per-architecture defaults such as D3's layers
+    track: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None  # per-epoch curves, if wanted
 
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
         clean = Loader(self.clean_test, self.spec, self.eval_batch_size, device=self.device)
@@ -80,7 +83,8 @@ def bench_from_record(record, *, ratio: float = 0.05, seed: int = 0, device: str
     identity = {"record": str(Path(record.folder).resolve()), "ratio": None if index_file else ratio,
                 "index_file": index_file, "reserved": len(index), "seed": seed}
     return Bench(model_from_record(record).to(device), record.spec, record.clean_train.subset(index),
-                 record.clean_test, poisoned_only(record.bd_test), device, seed, identity, Path(record.folder))
+                 record.clean_test, poisoned_only(record.bd_test), device, seed, identity, Path(record.folder),
+                 model_name=record.model_name)
 
 
 # --- planning: which runnable per requested name ------------------------------------------------------
@@ -99,11 +103,14 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
 
 
 def build_for(name: str, dataset: Optional[str], *, epochs: Optional[int] = None, seed: Optional[int] = None,
-              overrides: Optional[Mapping[str, Any]] = None):
-    """registry.build with the shared budget applied to the fields this defense's config has."""
+              overrides: Optional[Mapping[str, Any]] = None, model_name: Optional[str] = None):
+    """registry.build with the shared budget, and the architecture's default layers, applied to the fields
+    this defense's config has."""
     fields = registry.config_fields(name) if registry.get(name).kind == "native" else None
     shared: Dict[str, Any] = {}
     if fields is not None:
+        if model_name is not None and "layers" in fields:
+            shared["layers"] = default_layers(model_name)
         if epochs is not None:
             shared.update({f: epochs for f in EPOCH_FIELDS if f in fields})
             entry_default = registry.get(name).hyperparameters(dataset)
@@ -122,9 +129,10 @@ def run_native(bench: Bench, defense: registry.Defense) -> Dict[str, Any]:
     batch_size = int(getattr(defense.config, "batch_size", None) or 256)
     model = copy.deepcopy(bench.model).to(bench.device)
     started = time.perf_counter()
-    purified, _ = defense(model, bench.reserved_batches(batch_size), progress=defense.name)
+    purified, history = defense(model, bench.reserved_batches(batch_size), on_epoch=bench.track,
+                                progress=defense.name)
     seconds = time.perf_counter() - started
-    return {**bench.evaluate(purified), "seconds": seconds}
+    return {**bench.evaluate(purified), "seconds": seconds, **({"history": history} if bench.track else {})}
 
 
 def bb_result_file(checkout: Path, record_folder: Path) -> str:
@@ -197,6 +205,8 @@ def run_backdoorbench(bench: Bench, script: registry.ScriptDefense, checkout: Pa
 def _row(label: str, metrics: Mapping[str, Any], before: Optional[Mapping[str, float]], digest: str) -> Dict:
     row = {"defense": label, "acc": metrics["acc"], "asr": metrics["asr"], "ra": metrics["ra"], "der": None,
            "seconds": metrics.get("seconds", 0.0), "config_hash": digest, "error": ""}
+    if "history" in metrics:
+        row["history"] = metrics["history"]
     if before is not None:
         row["der"] = summarize(before, metrics)["der"]
     return row
@@ -272,7 +282,7 @@ def _run_one(bench, requested, before, cache, *, epochs, overrides, backdoorbenc
                                         runner=runner)
         else:
             defense = build_for(entry.name, bench.spec.name, epochs=epochs, seed=bench.seed,
-                                overrides=overrides.get(entry.name))
+                                overrides=overrides.get(entry.name), model_name=bench.model_name)
             digest = registry.config_hash({"run": defense.hash(), "label": label, **bench.identity})
             if digest in cache:
                 return cache[digest]
