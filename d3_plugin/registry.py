@@ -31,6 +31,7 @@ the plugin is then recorded as that entry's `entry_point`.
 from __future__ import annotations
 
 import builtins
+import copy
 import dataclasses
 import hashlib
 import importlib
@@ -141,12 +142,24 @@ def entry_from_mapping(raw: Mapping, origin: str) -> Entry:
                  defaults=defaults, sources=sources, notes=str(raw.get("notes") or "").strip(), origin=origin)
 
 
+_PARSED: Dict[tuple, Any] = {}  # (path, mtime, size) → parsed YAML: lookups re-read only changed files
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _read_yaml(path: Path) -> Any:
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _PARSED:
+        with open(path, encoding="utf-8") as f:
+            _PARSED[key] = yaml.load(f, Loader=_LOADER)  # noqa: S506 — a safe loader
+    return copy.deepcopy(_PARSED[key])
+
+
 def _yaml_entries(folder: Optional[Path] = None) -> Dict[str, Entry]:
     folder = folder or shipped_folder("registry")
     entries = {}
     for path in sorted(folder.glob("*.yaml")):
-        with open(path, encoding="utf-8") as f:
-            entry = entry_from_mapping(yaml.safe_load(f), str(path.name))
+        entry = entry_from_mapping(_read_yaml(path), str(path.name))
         if entry.name in entries:
             raise ValueError(f"registry: {path.name} repeats the name {entry.name!r} of {entries[entry.name].origin}")
         entries[entry.name] = entry
