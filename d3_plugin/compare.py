@@ -109,8 +109,8 @@ def build_for(name: str, dataset: Optional[str], *, epochs: Optional[int] = None
     fields = registry.config_fields(name) if registry.get(name).kind == "native" else None
     shared: Dict[str, Any] = {}
     if fields is not None:
-        if model_name is not None and "layers" in fields:
-            shared["layers"] = default_layers(model_name)
+        if model_name is not None and registry.get(name).config == "d3_plugin.d3:D3Config":
+            shared["layers"] = default_layers(model_name)  # D3's θs per architecture (NAD's `layers` differ)
         if epochs is not None:
             shared.update({f: epochs for f in EPOCH_FIELDS if f in fields})
             entry_default = registry.get(name).hyperparameters(dataset)

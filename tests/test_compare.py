@@ -60,11 +60,11 @@ def test_reserved_subset_is_backdoorbenchs_draw(record):
 
 def test_writes_every_output_and_a_failure_stays_in_its_row(bench, tmp_path):
     out = tmp_path / "out"
-    rows = cmp.compare(bench, ["ft", "fp", "nope", "nc", "fst"], epochs=1, out=out,
+    rows = cmp.compare(bench, ["ft", "fp", "nope", "nc", "fst", "nad"], epochs=1, out=out,
                        overrides={"fp": {"layer": "features"}}, echo=lambda line: None)
     by_name = {row["defense"]: row for row in rows}
-    assert list(by_name) == ["no defense", "ft", "fp", "nope", "nc", "fst"]
-    for name in ("no defense", "ft", "fst"):
+    assert list(by_name) == ["no defense", "ft", "fp", "nope", "nc", "fst", "nad"]
+    for name in ("no defense", "ft", "fst", "nad"):
         assert not by_name[name]["error"] and 0 <= by_name[name]["acc"] <= 1, by_name[name]
     assert by_name["no defense"]["der"] is None and 0 <= by_name["ft"]["der"] <= 1
     assert "not an nn.Linear" in by_name["fp"]["error"]
