@@ -192,6 +192,8 @@ def plot_metrics(folder: str | os.PathLike, rows: Sequence[Mapping]) -> List[Pat
 
     losses = curves(LOSSES)
     finite = [v for values in losses.values() for v in values if v is not None and math.isfinite(v)]
+    ylim = None  # from 0 like BackdoorBench, unless a loss is negative (D3's objective can be)
+    if finite and max(finite) > 0:
+        ylim = (min(0.0, min(finite) * 1.05), max(finite) * 1.05)
     return [plot_curves(folder / "acc_like_metric_plots.png", curves(ACC_LIKE), "ACC", ylim=(0, 1)),
-            plot_curves(folder / "loss_metric_plots.png", losses, "Loss",
-                        ylim=(0, max(finite) * 1.05) if finite and max(finite) > 0 else None)]
+            plot_curves(folder / "loss_metric_plots.png", losses, "Loss", ylim=ylim)]
