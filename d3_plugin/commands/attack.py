@@ -105,9 +105,11 @@ def _run_attack(args, device) -> int:
                          seed=args.seed)
     model, history = train_model(model, poisoned, spec, config, device=device,
                                  on_epoch=epoch_evaluator(test, bd_test, spec, device), progress=attack.name)
-    info = {"attack": attack.name, "params": dict(kv for part in attack.split_params(params) for kv in part.items()), "ratio": args.ratio or attack.ratio,
-            "target": args.target, "clean_label": attack.clean_label, "poisoned_samples": int(poisoned.poisoned.sum()),
-            "train_size": len(train), "train": config.to_dict(), "model": args.model}
+    trigger_params, poison_params = attack.split_params(params)
+    info = {"attack": attack.name, "params": {**trigger_params, **poison_params}, "target": args.target,
+            "ratio": attack.ratio if args.ratio is None else args.ratio, "clean_label": attack.clean_label,
+            "poisoned_samples": int(poisoned.poisoned.sum()), "train_size": len(train),
+            "train": config.to_dict(), "model": args.model}
     if args.rho is not None:
         model, sam_history, sam_info = _flatten(model, poisoned, spec, args, device, args.sam_epochs, test, bd_test)
         history += sam_history
