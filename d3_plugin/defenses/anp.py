@@ -211,7 +211,8 @@ def candidates(config: ANPConfig) -> List[float]:
 def select_pruning(model: nn.Module, mask_values, heldout: Loader, config: ANPConfig):
     """Largest candidate whose held-out accuracy stays within the tolerance; returns (model, record)."""
     base = evaluate(model, heldout)["acc"]
-    best, record = model, {"heldout_acc_before": base, "pruned": 0, "amount": 0.0, "heldout_acc": base}
+    best = prune(model, [])  # a copy, even when nothing can be pruned within the tolerance
+    record = {"heldout_acc_before": base, "pruned": 0, "amount": 0.0, "heldout_acc": base}
     for amount in candidates(config):
         neurons = chosen(mask_values, config, amount)
         candidate = prune(model, neurons)
