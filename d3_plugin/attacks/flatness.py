@@ -47,7 +47,8 @@ def _noise(p: torch.Tensor, radius: float, mode: str, generator: torch.Generator
     if mode == "elementwise" or p.dim() < 2:
         return radius * p.abs() * eps
     dims = tuple(range(1, p.dim()))
-    scale = p.norm(dim=dims, keepdim=True) / eps.norm(dim=dims, keepdim=True).clamp_min(1e-12)
+    scale = torch.linalg.vector_norm(p, dim=dims, keepdim=True) / torch.linalg.vector_norm(
+        eps, dim=dims, keepdim=True).clamp_min(1e-12)
     return radius * scale * eps
 
 
