@@ -13,7 +13,7 @@ from d3_plugin.attacks.lf import LowFrequency
 from d3_plugin.attacks.registry import Attack, attacks, get_attack
 from d3_plugin.attacks.sig import SIG
 from d3_plugin.attacks.wanet import WaNet, poison_with_cross
-from d3_plugin.data import ImageSet, load_dataset
+from d3_plugin.data import load_dataset
 
 TRIGGERS = [BadNets(), Blended(), SIG(), WaNet(), LowFrequency()]
 
