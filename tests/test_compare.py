@@ -160,3 +160,8 @@ def test_command_line(record, tmp_path, monkeypatch, capsys):
                                                "compare_cache.json"}
     with pytest.raises(ValueError, match="DEFENSE.PARAM=VALUE"):
         cmp.parse_overrides(["lam=2"])
+    assert command.run(parser.parse_args(["--list"])) == 0
+    listing = capsys.readouterr().out
+    assert "ft-sam" in listing and "backdoorbench" in listing and "unavailable" in listing
+    with pytest.raises(ValueError, match="--result_file is required"):
+        command.run(parser.parse_args(["--defenses", "d3"]))

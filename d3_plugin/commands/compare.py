@@ -11,8 +11,8 @@ DEFAULT_DEFENSES = "d3,ft,ft-sam,fst,nad,anp,fp,i-bau,aft"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--result_file", required=True,
-                        help="attack record folder (record/<attack>) or its attack_result.pt")
+    parser.add_argument("--result_file", help="attack record folder (record/<attack>) or its attack_result.pt")
+    parser.add_argument("--list", action="store_true", help="list the registered defenses and exit")
     parser.add_argument("--defenses", default=DEFAULT_DEFENSES,
                         help=f"comma-separated registry names (default {DEFAULT_DEFENSES}); prefix bb: to force "
                              "the BackdoorBench script, e.g. bb:ft; see `python -m d3_plugin.registry`")
@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from ..backdoorbench.records import load_attack_result
     from ..compare import bench_from_record, compare, parse_overrides, text_table
 
+    if args.list:
+        return list_defenses()
+    if not args.result_file:
+        raise ValueError("--result_file is required: an attack record folder (record/<attack>) or its attack_result.pt")
     if args.epochs is not None and args.epochs < 0:
         raise ValueError(f"--epochs must be ≥ 0, got {args.epochs}")
     names = [n.strip() for n in args.defenses.split(",") if n.strip()]
@@ -53,3 +57,14 @@ def run(args: argparse.Namespace) -> int:
                    bb_device=args.backdoorbench_device, bb_python=args.backdoorbench_python or sys.executable)
     print(text_table(rows))
     return 1 if any(row["error"] for row in rows) else 0
+
+
+def list_defenses() -> int:
+    """One line per registry entry: name, how it runs, the data it needs, its paper."""
+    from .. import registry
+
+    for entry in registry.list():
+        paper = entry.paper.get("title", "")
+        venue = entry.paper.get("venue", "")
+        print(f"{entry.name:<8} {entry.kind:<13} data={entry.data:<6} {paper}" + (f" ({venue})" if venue else ""))
+    return 0
