@@ -276,8 +276,8 @@ def _run_one(bench, requested, before, cache, *, epochs, overrides, backdoorbenc
             if digest in cache:
                 return cache[digest]
             if backdoorbench is None:
-                raise ValueError(f"{entry.name} runs only as a BackdoorBench script; pass --backdoorbench PATH "
-                                 "of a BackdoorBench checkout")
+                why = "is run by BackdoorBench" if force_bb else "has only a BackdoorBench implementation"
+                raise ValueError(f"{label} {why}; pass --backdoorbench PATH of a BackdoorBench checkout")
             metrics = run_backdoorbench(bench, script, Path(backdoorbench), device=bb_device, python=bb_python,
                                         runner=runner)
         else:
