@@ -141,8 +141,13 @@ def bb_result_file(checkout: Path, record_folder: Path) -> str:
 
 
 def bb_command(checkout: Path, entry: registry.Entry, record_folder: Path, dataset: str, device: str = "cpu",
-               python: str = sys.executable, overrides: Optional[Mapping[str, Any]] = None) -> List[str]:
-    """The BackdoorBench command line for a script entry (or a plugin class through our runner)."""
+               python: str = sys.executable, overrides: Optional[Mapping[str, Any]] = None,
+               reserved: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """The BackdoorBench command line for a script entry (or a plugin class through our runner).
+
+    `reserved` ({seed, ratio, index_file}) makes the script draw the same reserved set as compare:
+    `--random_seed` always, `--ratio`/`--index` for defenses that use clean data (CLP has no --ratio).
+    """
     checkout = Path(checkout)
     script = entry.backdoorbench
     if script:
@@ -157,8 +162,15 @@ def bb_command(checkout: Path, entry: registry.Entry, record_folder: Path, datas
     yaml_name = f"{dataset}.yaml" if (config_dir / f"{dataset}.yaml").is_file() else "config.yaml"
     command += ["--result_file", bb_result_file(checkout, record_folder),
                 "--yaml_path", f"./config/defense/{script}/{yaml_name}", "--dataset", dataset, "--device", device]
-    for key, value in (overrides or {}).items():
-        command += [f"--{key}", str(value)]
+    reserved = reserved or {}
+    if reserved.get("seed") is not None:
+        command += ["--random_seed", str(reserved["seed"])]
+    if entry.data == "clean" and reserved.get("index_file"):
+        command += ["--index", str(Path(reserved["index_file"]).resolve())]
+    elif entry.data == "clean" and reserved.get("ratio") is not None:
+        command += ["--ratio", str(reserved["ratio"])]
+    for key, value in (overrides or {}).items():  # last occurrence wins in argparse
+        command += [f"--{key}", ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
     return command
 
 
@@ -189,7 +201,7 @@ def run_backdoorbench(bench: Bench, script: registry.ScriptDefense, checkout: Pa
     if bench.record_folder is None:
         raise ValueError("BackdoorBench scripts need an attack record folder; run compare with --result_file")
     command = bb_command(checkout, script.entry, bench.record_folder, bench.spec.name, device, python,
-                         script.overrides)
+                         script.overrides, bench.identity)
     started = time.perf_counter()
     done = runner(command, cwd=str(checkout), capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -269,7 +281,8 @@ def _run_one(bench, requested, before, cache, *, epochs, overrides, backdoorbenc
             runnable = entry.backdoorbench or isinstance(entry.plugin, type)
             if entry.kind == "unavailable" or not runnable:
                 raise ValueError(f"{entry.name} has no BackdoorBench script ({entry.notes or 'see its registry entry'})")
-            script = registry.ScriptDefense(entry, dict(overrides.get(entry.name, {})))
+            # a forced bb:NAME row takes `--set bb:NAME.ARG=...` (BackdoorBench's own argument names)
+            script = registry.ScriptDefense(entry, dict(overrides.get(requested.lower() if force_bb else entry.name, {})))
             if epochs is not None:
                 script.overrides.setdefault("epochs", epochs)
             digest = registry.config_hash({"run": script.config_dict(), "label": label, **bench.identity})

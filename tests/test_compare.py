@@ -133,7 +133,8 @@ def test_backdoorbench_scripts_run_in_the_checkout_and_land_in_the_table(bench, 
     command, cwd = seen[0]
     assert cwd == str(checkout)
     assert command[1:] == ["./defense/nc.py", "--result_file", "badnet_tiny", "--yaml_path",
-                           "./config/defense/nc/config.yaml", "--dataset", "fashion_mnist", "--device", "cpu"]
+                           "./config/defense/nc/config.yaml", "--dataset", "fashion_mnist", "--device", "cpu",
+                           "--random_seed", "0", "--ratio", "0.25"]  # the same reserved draw as native rows
     assert (rows[1]["acc"], rows[1]["asr"], rows[1]["ra"]) == (0.5, 0.25, 0.4) and rows[1]["der"] is not None
 
     def failing(command, cwd, **kwargs):
@@ -141,8 +142,12 @@ def test_backdoorbench_scripts_run_in_the_checkout_and_land_in_the_table(bench, 
     rows = cmp.compare(bench, ["bb:ft"], backdoorbench=str(checkout), runner=failing, echo=lambda line: None)
     assert "ft.py not found" in rows[1]["error"]
     (checkout / "defense" / "ft.py").write_text("# stand-in")
-    rows = cmp.compare(bench, ["bb:ft"], backdoorbench=str(checkout), runner=failing, echo=lambda line: None)
+    rows = cmp.compare(bench, ["bb:ft"], backdoorbench=str(checkout), runner=failing, echo=lambda line: None,
+                       overrides={"bb:ft": {"layers": ["fc", "linear"]}, "ft": {"lr": 9}})
     assert rows[1]["defense"] == "ft (BackdoorBench)" and "CUDA missing" in rows[1]["error"]
+    command = cmp.bb_command(checkout, cmp.registry.get("ft"), record.folder, "fashion_mnist",
+                             overrides={"layers": ["fc", "linear"]})
+    assert command[-2:] == ["--layers", "fc,linear"]
 
 
 def test_command_line(record, tmp_path, monkeypatch, capsys):
