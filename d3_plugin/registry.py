@@ -159,6 +159,8 @@ def _yaml_entries(folder: Optional[Path] = None) -> Dict[str, Entry]:
     folder = folder or shipped_folder("registry")
     entries = {}
     for path in sorted(folder.glob("*.yaml")):
+        if path.name.startswith(("_", ".")):  # private/scratch files are not entries
+            continue
         entry = entry_from_mapping(_read_yaml(path), str(path.name))
         if entry.name in entries:
             raise ValueError(f"registry: {path.name} repeats the name {entry.name!r} of {entries[entry.name].origin}")

@@ -69,6 +69,9 @@ def test_entry_yaml_validation(tmp_path):
     (tmp_path / "x.yaml").write_text("name: x\nimplementation: {nativ: a:b}\n")
     with pytest.raises(ValueError, match="unknown implementation keys"):
         registry.load(tmp_path)
+    (tmp_path / "x.yaml").write_text("name: x\npaper: {title: X}\n")
+    (tmp_path / "_scratch.yaml").write_text("not: an entry\n")
+    assert "x" in registry.load(tmp_path) and registry.load(tmp_path)["x"].kind == "unavailable"
 
 
 PLUGIN_MODULE = textwrap.dedent('''
