@@ -99,7 +99,10 @@ PLUGIN_MODULE = textwrap.dedent('''
         def __init__(self, args):
             self.args = args
         def defense(self, result_file):
+            CALLS.append(result_file)
             return {}
+
+    CALLS = []
 
     DECLARED = {"paper": {"title": "Declared"}, "data": "none",
                 "implementation": {"native": "toy_plugin_module:shrink", "config": "toy_plugin_module:ShrinkConfig"},
@@ -133,3 +136,8 @@ def test_entry_point_plugins_join_the_registry(fake_plugins):
     assert torch.allclose(shrunk.weight, model.weight * 0.1)
     assert registry.build("declared").config.factor == 0.25
     assert isinstance(registry.build("mydefense"), registry.ScriptDefense)
+    import toy_plugin_module  # a plugin class runs through its BackdoorBench interface (as in a checkout)
+    assert registry.run_plugin_class("mydefense", ["--result_file", "badnet_x"]) == 0
+    assert toy_plugin_module.CALLS == ["badnet_x"]
+    with pytest.raises(ValueError, match="not a BackdoorBench-style plugin class"):
+        registry.run_plugin_class("shrink", [])
