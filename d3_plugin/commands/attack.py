@@ -92,6 +92,7 @@ def _fmt(flatness: dict) -> str:
 def _run_attack(args, device) -> int:
     attack = get_attack(args.attack)
     params = parse_params(args.param)
+    trigger_params, poison_params = attack.split_params(params)  # fail on unknown keys before loading data
     spec = dataset_spec(args.dataset)
     train, test = load_dataset(spec.name, True, args.data_root), load_dataset(spec.name, False, args.data_root)
     full_size = len(train)
@@ -105,7 +106,6 @@ def _run_attack(args, device) -> int:
                          seed=args.seed)
     model, history = train_model(model, poisoned, spec, config, device=device,
                                  on_epoch=epoch_evaluator(test, bd_test, spec, device), progress=attack.name)
-    trigger_params, poison_params = attack.split_params(params)
     info = {"attack": attack.name, "params": {**trigger_params, **poison_params}, "target": args.target,
             "ratio": attack.ratio if args.ratio is None else args.ratio, "clean_label": attack.clean_label,
             "poisoned_samples": int(poisoned.poisoned.sum()), "train_size": len(train),
