@@ -112,7 +112,7 @@ def main() -> int:
         models[name] = (model, bd_test, attack)
         results["attacks"][name] = bench.evaluate(model, bd_test)
         log(f"{name}: {results['attacks'][name]}")
-    for name in args.flatten.split(","):
+    for name in filter(None, args.flatten.split(",")):
         model, bd_test, attack = models[name]
         poisoned = attack.poison_train(bench.train, seed=args.seed)
         batches = flatness_batches(bd_test, bench.spec, "cpu", samples=500)
@@ -129,11 +129,16 @@ def main() -> int:
                    "attacked": bench.evaluate(flat, bd_test), **bench.defend(flat, bd_test)}
             results["flattened"].append(row)
             log(f"{name} rho={rho}: {row['attacked']} flat {row['flatness']} FT {row['ft']} D3 {row['d3']}")
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, default=str))
+        save(results, args.out)
+    save(results, args.out)
     print(tables(results))
     return 0
+
+
+def save(results: dict, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
 
 
 def tables(results: dict) -> str:
