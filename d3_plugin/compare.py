@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import registry
-from .backdoorbench.outputs import ensure_writable, write_bytes, write_json, write_text
+from .files import ensure_writable, write_bytes, write_json, write_text
 from .backdoorbench.reserved import reserved_indices
 from .data import DatasetSpec, ImageSet, Loader
 from .evaluation import evaluate, summarize

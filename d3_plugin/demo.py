@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .attacks import BadNets, TrainConfig, poison_test_set, poison_training_set, train_model
-from .backdoorbench.outputs import atomic_path, ensure_writable, write_bytes
+from .files import ensure_writable, torch_save, write_bytes
 from .backdoorbench.reserved import reserved_indices
 from .compare import Bench, compare, text_table
 from .data import Loader, dataset_spec, load_dataset
@@ -57,9 +57,7 @@ def _backdoored_model(config: DemoConfig, poisoned, spec, device) -> torch.nn.Mo
         print(f"using cached backdoored model {cache}")
         return model.to(device)
     model, _ = train_model(model, poisoned, spec, config.attack, device=device, progress="train backdoored model")
-    ensure_writable(cache.parent)
-    with atomic_path(cache) as tmp:
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+    torch_save({k: v.cpu() for k, v in model.state_dict().items()}, cache)
     return model
 
 

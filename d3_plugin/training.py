@@ -7,6 +7,7 @@ two forward/backward passes per step, plugs in unchanged.
 """
 from __future__ import annotations
 
+import copy
 import random
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .sam import SAM
 
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple]
 Stats = Dict[str, float]
@@ -99,3 +102,17 @@ def fit(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimi
         history.append(row)
         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ("loss", "acc", "asr")})
     return history
+
+
+def train_classifier(model: torch.nn.Module, batches: Iterable, *, epochs: int, lr: float, momentum: float = 0.9,
+                     weight_decay: float = 0.0, label_smoothing: float = 0.0, sam_rho: float = 0.0,
+                     adaptive_sam: bool = True, device=None, on_epoch=None, progress: Optional[str] = None):
+    """Train a copy of `model` with cross-entropy, SGD (inside (A)SAM when sam_rho > 0) and a cosine
+    schedule; returns (model, history). Fine-tuning, FT-SAM, backdoor training and SAM flattening are
+    all this one recipe with different settings. `device`: move the copy there first (default: stay)."""
+    model = copy.deepcopy(model) if device is None else copy.deepcopy(model).to(device)
+    base = sgd(model.parameters(), lr, momentum, weight_decay)
+    optimizer = SAM(base, sam_rho, adaptive_sam) if sam_rho > 0 else base
+    history = fit(model, batches, optimizer, cross_entropy(label_smoothing), epochs,
+                  scheduler=cosine(base, epochs), on_epoch=on_epoch, progress=progress)
+    return model, history

@@ -1,14 +1,13 @@
 """Training a backdoored model on a poisoned set, with the common trainer."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, asdict
 from typing import Callable, Dict, Optional
 
 from torch import nn
 
 from ..data import DatasetSpec, ImageSet, Loader
-from ..training import cosine, cross_entropy, fit, sgd
+from ..training import train_classifier
 
 
 @dataclass
@@ -28,9 +27,6 @@ def train_model(model: nn.Module, data: ImageSet, spec: DatasetSpec, config: Tra
                 on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
                 progress: Optional[str] = None):
     """Standard SGD + cosine training with augmentation; returns (trained copy, history)."""
-    model = copy.deepcopy(model).to(device)
     batches = Loader(data, spec, config.batch_size, train=True, device=device, seed=config.seed)
-    optimizer = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
-    history = fit(model, batches, optimizer, cross_entropy(), config.epochs,
-                  scheduler=cosine(optimizer, config.epochs), on_epoch=on_epoch, progress=progress)
-    return model, history
+    return train_classifier(model, batches, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
+                            weight_decay=config.weight_decay, device=device, on_epoch=on_epoch, progress=progress)

@@ -8,76 +8,22 @@ os.replace), so a reader never sees half a file. Shared by every defense the plu
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+
+from ..files import (OutputNotWritable, atomic_path, ensure_writable, write_bytes, write_json,  # noqa: F401
+                     write_text)
 
 NAN = "nan_value"
 ACC_LIKE = {"test_acc": "Test C-Acc", "test_asr": "Test ASR", "test_ra": "Test RA"}
 LOSSES = {"train_epoch_loss_avg_over_batch": "Train Loss", "clean_test_loss_avg_over_batch": "Test Clean Loss",
           "bd_test_loss_avg_over_batch": "Test Backdoor Loss"}
-
-
-class OutputNotWritable(PermissionError):
-    """An output folder cannot be created or written to."""
-
-
-def ensure_writable(folder: str | os.PathLike) -> Path:
-    """Create `folder` if needed and prove it is writable; one-line error otherwise."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise OutputNotWritable(f"cannot write to output folder {folder} ({error.strerror or error}); "
-                                f"make it writable or choose another folder") from None
-    return folder
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on failure it is removed."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(data)
-    return Path(path)
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    return write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | os.PathLike, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (Path, tuple, set)):
-        return str(value) if isinstance(value, Path) else list(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def write_index(path: str | os.PathLike, index: Sequence[int]) -> Path:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..data.images import DatasetSpec, ImageSet
+from ..files import torch_save
 from ..data.readers import DatasetNotFound, dataset_spec, pil_to_tensor
 from ..models import build_model, default_layers
 from .datasets import SPLIT_SIZES, dataset_folder, load_clean_split, spec_name
@@ -269,21 +270,6 @@ def align_state_dict(model: nn.Module, state: dict, name: str = "model", num_cla
 
 # ---------------------------------------------------------------------------------------------- writing
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with open(temp, "xb") as f:  # ordinary permissions (mkstemp would make it owner-only)
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
-
 def _cpu_state(state_dict: dict) -> dict:
     return {k: v.detach().cpu().clone() for k, v in state_dict.items()}
 
@@ -291,8 +277,8 @@ def _cpu_state(state_dict: dict) -> dict:
 def write_defense_result(path: str | os.PathLike, model_name: str, num_classes: int, state_dict: dict) -> Path:
     """BackdoorBench's defense_result.pt: {'model_name', 'num_classes', 'model'} with CPU tensors, atomically."""
     path = Path(path)
-    _atomic_torch_save({"model_name": model_name, "num_classes": int(num_classes),
-                        "model": _cpu_state(state_dict)}, path)
+    torch_save({"model_name": model_name, "num_classes": int(num_classes), "model": _cpu_state(state_dict)},
+               path)
     return path
 
 
@@ -347,7 +333,7 @@ def write_attack_record(folder: str | os.PathLike, *, model_name: str, num_class
         result = {"model_name": model_name, "num_classes": int(num_classes), "model": _cpu_state(state_dict),
                   "data_path": data_path, "img_size": [int(v) for v in img_size], "clean_data": dataset,
                   "bd_train": states["bd_train"], "bd_test": states["bd_test"], **(extra or {})}
-        _atomic_torch_save(result, staging / "attack_result.pt")
+        torch_save(result, staging / "attack_result.pt")
         for sub in ("bd_train_dataset", "bd_test_dataset"):
             _swap_in(staging / sub, folder / sub)
         os.replace(staging / "attack_result.pt", folder / "attack_result.pt")

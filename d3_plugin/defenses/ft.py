@@ -1,13 +1,12 @@
 """FT: vanilla fine-tuning on the clean reserved set (the baseline D3 is compared against)."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, asdict
 from typing import Callable, Dict, Iterable, Optional
 
 from torch import nn
 
-from ..training import cosine, cross_entropy, fit, sgd
+from ..training import train_classifier
 
 
 @dataclass
@@ -29,8 +28,6 @@ def finetune(model: nn.Module, clean_batches: Iterable, config: Optional[FTConfi
              progress: Optional[str] = None):
     """Fine-tune a copy of `model` on clean batches with SGD + cosine; returns (model, history)."""
     config = config or FTConfig()
-    model = copy.deepcopy(model)
-    optimizer = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
-    history = fit(model, clean_batches, optimizer, cross_entropy(config.label_smoothing), config.epochs,
-                  scheduler=cosine(optimizer, config.epochs), on_epoch=on_epoch, progress=progress)
-    return model, history
+    return train_classifier(model, clean_batches, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
+                            weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
+                            on_epoch=on_epoch, progress=progress)

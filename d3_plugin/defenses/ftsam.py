@@ -7,14 +7,12 @@ SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine schedule, 100 epochs, batch
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, Optional
 
 from torch import nn
 
-from ..sam import SAM
-from ..training import cosine, cross_entropy, fit, sgd
+from ..training import train_classifier
 
 
 @dataclass
@@ -38,9 +36,6 @@ def ft_sam(model: nn.Module, clean_batches: Iterable, config: Optional[FTSAMConf
            progress: Optional[str] = None):
     """Fine-tune a copy of `model` with SAM/ASAM; returns (model, history)."""
     config = config or FTSAMConfig()
-    model = copy.deepcopy(model)
-    base = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
-    optimizer = SAM(base, rho=config.rho, adaptive=config.adaptive)
-    history = fit(model, clean_batches, optimizer, cross_entropy(config.label_smoothing), config.epochs,
-                  scheduler=cosine(base, config.epochs), on_epoch=on_epoch, progress=progress)
-    return model, history
+    return train_classifier(model, clean_batches, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
+                            weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
+                            sam_rho=config.rho, adaptive_sam=config.adaptive, on_epoch=on_epoch, progress=progress)
