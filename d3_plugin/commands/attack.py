@@ -61,6 +61,9 @@ def parse_params(pairs) -> dict:
 
 
 def run(args) -> int:
+    if Path(args.out).parent.name != "record":
+        raise ValueError(f"--out {args.out} must be <checkout>/record/<name> (BackdoorBench resolves the "
+                         f"record's paths against the folder holding record/)")
     device = resolve_device(args.device)
     seed_everything(args.seed)
     if args.attack == FLATTEN:
