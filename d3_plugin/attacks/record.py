@@ -4,20 +4,18 @@ writer), attack_df.csv / attack_df_summary.csv (per-epoch metrics, BackdoorBench
 attack_info.json (attack, parameters, training settings, flatness before/after SAM)."""
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ..data import DatasetSpec, ImageSet, Loader
+from ..backdoorbench.outputs import write_metric_table, write_summary_table
 from ..evaluation import evaluate
+from ..files import write_text
 from .flatness import measure_flatness
 
 # our history keys → BackdoorBench's attack_df.csv columns
@@ -25,44 +23,17 @@ COLUMNS = {"loss": "train_epoch_loss_avg_over_batch", "clean_loss": "clean_test_
            "bd_loss": "bd_test_loss_avg_over_batch", "acc": "test_acc", "asr": "test_asr", "ra": "test_ra"}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="") as f:
-            f.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _csv(header: List[str], rows: Iterable[List]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def write_attack_df(folder: Path, history: List[Dict[str, float]]) -> None:
-    """attack_df.csv (one row per epoch, pandas-style index column, plus a `phase` column: train/sam)
-    and attack_df_summary.csv (rows last, valid_max, exist_nan_value)."""
-    names = list(COLUMNS.values())
-    rows = [[i, row.get("phase", "train")] + [row.get(k, float("nan")) for k in COLUMNS]
-            for i, row in enumerate(history)]
-    atomic_write_text(folder / "attack_df.csv", _csv(["", "phase"] + names, rows))
-    columns = [[row.get(k, float("nan")) for row in history] for k in COLUMNS]
-    last = [c[-1] if c else float("nan") for c in columns]
-    valid_max = [max((v for v in c if not math.isnan(v)), default=float("nan")) for c in columns]
-    has_nan = [any(math.isnan(v) for v in c) for c in columns]
-    summary = [["last"] + last, ["valid_max"] + valid_max, ["exist_nan_value"] + has_nan]
-    atomic_write_text(folder / "attack_df_summary.csv", _csv([""] + names, summary))
+    """attack_df.csv (one row per epoch, BackdoorBench's columns plus `phase`: train/sam) and
+    attack_df_summary.csv (rows last, valid_max, exist_nan_value), in BackdoorBench's table layout."""
+    metrics = [{name: row.get(key, float("nan")) for key, name in COLUMNS.items()} for row in history]
+    write_metric_table(folder / "attack_df.csv",
+                       [{"phase": row.get("phase", "train"), **m} for row, m in zip(history, metrics)])
+    write_summary_table(folder / "attack_df_summary.csv", metrics)
 
 
 def write_attack_info(folder: Path, info: dict) -> None:
-    atomic_write_text(folder / "attack_info.json", json.dumps(info, indent=2, default=str) + "\n")
+    write_text(folder / "attack_info.json", json.dumps(info, indent=2, default=str) + "\n")
 
 
 def epoch_evaluator(clean_test: ImageSet, bd_test: ImageSet, spec: DatasetSpec, device, phase: str = "train",

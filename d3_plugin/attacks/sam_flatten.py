@@ -9,15 +9,13 @@ paper's range; for plain SAM ρ is an absolute L2 radius over all weights, so ρ
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, asdict
 from typing import Callable, Dict, Optional
 
 from torch import nn
 
 from ..data import DatasetSpec, ImageSet, Loader
-from ..sam import SAM
-from ..training import cosine, cross_entropy, fit, sgd
+from ..training import train_classifier
 
 
 @dataclass
@@ -43,10 +41,7 @@ def sam_flatten(model: nn.Module, poisoned_train: ImageSet, spec: DatasetSpec, c
                 device="cpu", on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
                 progress: Optional[str] = None):
     """Train a copy of `model` on the poisoned set with (A)SAM + SGD + cosine; returns (model, history)."""
-    model = copy.deepcopy(model).to(device)
     batches = Loader(poisoned_train, spec, config.batch_size, train=True, device=device, seed=config.seed)
-    base = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
-    optimizer = SAM(base, config.rho, adaptive=config.adaptive)
-    history = fit(model, batches, optimizer, cross_entropy(), config.epochs,
-                  scheduler=cosine(base, config.epochs), on_epoch=on_epoch, progress=progress)
-    return model, history
+    return train_classifier(model, batches, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
+                            weight_decay=config.weight_decay, sam_rho=config.rho, adaptive_sam=config.adaptive,
+                            device=device, on_epoch=on_epoch, progress=progress)

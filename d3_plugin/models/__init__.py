@@ -37,7 +37,7 @@ def default_layers(name: str) -> Optional[Sequence[str]]:
     return _DEFAULT_LAYERS.get(name)
 
 
-@register_model("small_cnn", default_layers=["linear"])
+@register_model("small_cnn")
 def small_cnn(num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
     return SmallCNN(num_classes, in_channels)
 
