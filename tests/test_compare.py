@@ -19,12 +19,7 @@ from d3_plugin.data import ImageSet, dataset_spec
 from d3_plugin.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # far faster than 2 threads on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def synthetic(n: int, seed: int) -> ImageSet:

@@ -29,7 +29,7 @@ def _tiny_backdoor():
         train = load_dataset("fashion_mnist", True)
         test = load_dataset("fashion_mnist", False)
     except FileNotFoundError as error:
-        pytest.skip(f"Fashion-MNIST not available: {error}")
+        pytest.fail(f"Fashion-MNIST not available: {error}")
     spec = dataset_spec("fashion_mnist")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     poisoned = poison_training_set(train.subset(order[:RECIPE["train"]]), BadNets(), RECIPE["ratio"], 0)

@@ -21,21 +21,15 @@ from d3_plugin.models import build_model
 SPEC = dataset_spec("fashion_mnist")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run faster on one thread than on two oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def setting(one_thread):
+def setting():
     try:
         train, test = load_dataset("fashion_mnist", True), load_dataset("fashion_mnist", False)
     except DatasetNotFound as error:
-        pytest.skip(str(error))
+        pytest.fail(str(error))
     torch.manual_seed(0)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     trigger = BadNets(size=3)
