@@ -44,7 +44,8 @@ class DemoConfig:
 
 def _cache_key(config: DemoConfig) -> str:
     keys = ("model", "poison_ratio", "target", "train_size", "seed")
-    payload = {k: getattr(config, k) for k in keys} | {"attack": asdict(config.attack), "trigger": "badnets-3"}
+    payload = {k: getattr(config, k) for k in keys} | {"attack": asdict(config.attack), "trigger": "badnets-3",
+                                                       "spec": asdict(dataset_spec("fashion_mnist"))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
