@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, List
 
 DEFENSES = "backdoorbench.defenses"
 ATTACKS = "backdoorbench.attacks"
@@ -44,10 +44,6 @@ def discover(group: str = DEFENSES) -> List[Plugin]:
                             dist.metadata["Name"] if dist is not None else "",
                             dist.version if dist is not None else ""))
     return sorted(set(found), key=lambda p: (p.name, p.distribution))
-
-
-def discover_all() -> Dict[str, List[Plugin]]:
-    return {group: discover(group) for group in GROUPS}
 
 
 def load(name: str, group: str = DEFENSES) -> Any:

@@ -16,7 +16,6 @@ from ..data import DatasetSpec, ImageSet, Loader
 from ..backdoorbench.outputs import write_metric_table, write_summary_table
 from ..evaluation import evaluate
 from ..files import write_text
-from .flatness import measure_flatness
 
 # our history keys → BackdoorBench's attack_df.csv columns
 COLUMNS = {"loss": "train_epoch_loss_avg_over_batch", "clean_loss": "clean_test_loss_avg_over_batch",
@@ -53,10 +52,6 @@ def flatness_batches(bd_test: ImageSet, spec: DatasetSpec, device, samples: int 
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(bd_test), generator=generator)[:samples].sort().values
     return list(Loader(bd_test.subset(index), spec, batch_size, device=device))
-
-
-def flatness_of(model: nn.Module, batches: list, hessian_iterations: int = 20) -> Dict[str, float]:
-    return measure_flatness(model, batches, hessian_iterations=hessian_iterations)
 
 
 def save_record(folder: str | os.PathLike, model: nn.Module, *, model_name: str, num_classes: int,

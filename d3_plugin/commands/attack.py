@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from ..attacks import TrainConfig, train_model
-from ..attacks.record import epoch_evaluator, flatness_batches, flatness_of, save_record
+from ..attacks.flatness import measure_flatness
+from ..attacks.record import epoch_evaluator, flatness_batches, save_record
 from ..attacks.registry import attacks, get_attack
 from ..attacks.sam_flatten import FlattenConfig, sam_flatten
 from ..data import load_dataset
@@ -79,11 +80,11 @@ def _flatten(model, poisoned_train, spec, args, device, epochs, test, bd_test):
     config = FlattenConfig(rho=args.rho, adaptive=not args.plain_sam, epochs=epochs,
                            lr=args.lr or FlattenConfig.lr, batch_size=args.batch_size, seed=args.seed)
     batches = flatness_batches(bd_test, spec, device)
-    before = flatness_of(model, batches, args.hessian_iterations)
+    before = measure_flatness(model, batches, hessian_iterations=args.hessian_iterations)
     model, history = sam_flatten(model, poisoned_train, spec, config, device=device,
                                  on_epoch=epoch_evaluator(test, bd_test, spec, device, "sam"),
                                  progress="sam")
-    after = flatness_of(model, batches, args.hessian_iterations)
+    after = measure_flatness(model, batches, hessian_iterations=args.hessian_iterations)
     print(f"backdoor-loss flatness before SAM: {_fmt(before)}\n                          after SAM: {_fmt(after)}")
     return model, history, {"sam": config.to_dict(), "flatness_before": before, "flatness_after": after}
 
