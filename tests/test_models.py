@@ -92,3 +92,11 @@ def test_rgb_only_models_refuse_grey_input():
         build_model("vgg19_bn", 10, in_channels=1)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("no_such_net", 10)
+
+
+def test_small_cnn_default_layers_are_its_last_conv_block_and_head():
+    from d3_plugin.d3 import select_weights
+    model = build_model("small_cnn", 10, 1, 28)
+    chosen = select_weights(model, default_layers("small_cnn"))
+    assert list(chosen) == ["features.4.0.weight", "fc.weight", "linear.weight"]
+    assert chosen["features.4.0.weight"].dim() == 4  # the conv of the third block, not a pooling layer

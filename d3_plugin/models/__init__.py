@@ -37,7 +37,9 @@ def default_layers(name: str) -> Optional[Sequence[str]]:
     return _DEFAULT_LAYERS.get(name)
 
 
-@register_model("small_cnn")
+# θs for the 3-block CNN: its last conv block and the two-layer head. With only the head (every
+# nn.Linear) the demo backdoor kept 7 % ASR; adding the last conv block took it to 2.8 % (README).
+@register_model("small_cnn", default_layers=["features.4", "fc", "linear"])
 def small_cnn(num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
     return SmallCNN(num_classes, in_channels)
 
