@@ -43,16 +43,27 @@ def parse_args():
     parser.add_argument("--attacks", default="badnets,blended,sig,wanet,lf")
     parser.add_argument("--flatten", default="badnets,blended", help="attacks to SAM-flatten and defend")
     parser.add_argument("--rhos", default="1,2,3")
-    parser.add_argument("--train-size", type=int, default=10000)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--ratios", default="sig=0.08",
+                        help="per-attack poisoning ratios NAME=R,... (others use the attack's default, 0.1)")
+    parser.add_argument("--train-size", type=int, default=20000)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--sam-epochs", type=int, default=2)
-    parser.add_argument("--defense-epochs", type=int, default=10)
+    parser.add_argument("--defense-epochs", type=int, default=30)
+    parser.add_argument("--defense-lr", type=float, default=0.03, help="FT and D3 learning rate")
     parser.add_argument("--reserved", type=float, default=0.05, help="reserved clean fraction of the train set")
     parser.add_argument("--test-size", type=int, default=5000)
     parser.add_argument("--hessian-iterations", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/attacks.json")
     return parser.parse_args()
+
+
+def parse_ratios(text: str) -> dict:
+    """'sig=0.08,wanet=0.1' → {'sig': 0.08, 'wanet': 0.1}."""
+    pairs = [item.split("=") for item in filter(None, text.split(","))]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--ratios {text!r} must look like NAME=RATIO[,NAME=RATIO]")
+    return {name.strip(): float(value) for name, value in pairs}
 
 
 def log(message: str) -> None:
@@ -88,9 +99,9 @@ class Bench:
 
     def defend(self, model, bd_test) -> dict:
         epochs = self.args.defense_epochs
-        ft_config = FTConfig(epochs=epochs, seed=self.args.seed)
+        ft_config = FTConfig(epochs=epochs, lr=self.args.defense_lr, seed=self.args.seed)
         ft, _ = finetune(model, self.reserved_batches(ft_config.batch_size), ft_config)
-        d3_config = D3Config(epochs=epochs, layers=default_layers(MODEL), seed=self.args.seed)
+        d3_config = D3Config(epochs=epochs, lr=self.args.defense_lr, layers=default_layers(MODEL), seed=self.args.seed)
         d3, _ = detoxify(model, self.reserved_batches(d3_config.batch_size), d3_config)
         return {"ft": self.evaluate(ft, bd_test), "d3": self.evaluate(d3, bd_test),
                 "d3_config": d3_config.to_dict(), "ft_config": ft_config.to_dict()}
@@ -104,17 +115,17 @@ def main() -> int:
     clean = bench.evaluate(bench.train_model(bench.train), get_attack("badnets").poison_test(bench.test))
     results["clean"] = clean
     log(f"clean ACC {pct(clean['acc'])}")
-    models = {}
+    models, ratios = {}, parse_ratios(args.ratios)
     for name in args.attacks.split(","):
         attack = get_attack(name)
         bd_test = attack.poison_test(bench.test)
-        model = bench.train_model(attack.poison_train(bench.train, seed=args.seed))
+        model = bench.train_model(attack.poison_train(bench.train, ratio=ratios.get(name), seed=args.seed))
         models[name] = (model, bd_test, attack)
-        results["attacks"][name] = bench.evaluate(model, bd_test)
+        results["attacks"][name] = {**bench.evaluate(model, bd_test), "ratio": ratios.get(name, attack.ratio)}
         log(f"{name}: {results['attacks'][name]}")
     for name in filter(None, args.flatten.split(",")):
         model, bd_test, attack = models[name]
-        poisoned = attack.poison_train(bench.train, seed=args.seed)
+        poisoned = attack.poison_train(bench.train, ratio=ratios.get(name), seed=args.seed)
         batches = flatness_batches(bd_test, bench.spec, "cpu", samples=500)
         before = measure_flatness(model, batches, hessian_iterations=args.hessian_iterations)
         row = {"attack": name, "rho": 0.0, "flatness": before, "attacked": results["attacks"][name],
@@ -143,9 +154,10 @@ def save(results: dict, path: str) -> None:
 
 def tables(results: dict) -> str:
     clean = results["clean"]["acc"]
-    lines = [f"clean model ACC {pct(clean)}", "", "| attack | ACC | ASR | ΔACC vs clean |", "|---|---|---|---|"]
+    lines = [f"clean model ACC {pct(clean)}", "", "| attack | poisoning ratio | ACC | ASR | ΔACC vs clean |",
+             "|---|---|---|---|---|"]
     for name, r in results["attacks"].items():
-        lines.append(f"| {name} | {pct(r['acc'])} | {pct(r['asr'])} | {100 * (r['acc'] - clean):+.2f} |")
+        lines.append(f"| {name} | {r['ratio']:g} | {pct(r['acc'])} | {pct(r['asr'])} | {100 * (r['acc'] - clean):+.2f} |")
     lines += ["", "| attack | ρ (ASAM) | no defense ACC/ASR | FT ACC/ASR | D3 ACC/ASR | backdoor-loss sharpness "
               "| top Hessian eig. |", "|---|---|---|---|---|---|---|"]
     for r in results["flattened"]:
