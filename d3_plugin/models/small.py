@@ -5,7 +5,7 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    """Three conv blocks and a two-layer head (`fc`, `linear`): ~0.1 M parameters, fast on a CPU."""
+    """Three conv blocks and a two-layer head (`fc`, `linear`): 28 k parameters (width 16), fast on a CPU."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16):
         super().__init__()
