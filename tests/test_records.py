@@ -256,3 +256,12 @@ def test_gtsrb_and_tiny_readers(tmp_path):
     assert tiny_val.labels.tolist() == [0, 1]  # val_1 is n01 (class 0), val_0 is n02
     with pytest.raises(DatasetNotFound, match="GT-final_test.csv"):
         load_gtsrb(False, tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name,classes", [("squeezenet1_0", 7), ("small_cnn", 7), ("preactresnet18", 7)])
+def test_class_count_comes_from_the_head_even_with_several_default_layers(name, classes):
+    """small_cnn's θs start with a conv and `fc` (64 outputs); SqueezeNet's head is a conv."""
+    from d3_plugin.backdoorbench.records import _infer_num_classes
+    with torch.device("meta"):
+        state = build_model(name, classes, 3, 32).state_dict()
+    assert _infer_num_classes(name, state) == classes

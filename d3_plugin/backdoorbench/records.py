@@ -205,12 +205,11 @@ def _infer_in_channels(state_dict: dict) -> int:
 
 
 def _head_layer(model_name: str, state_dict: dict) -> Optional[str]:
-    """The classifier module: the last of the architecture's default D3 layers holding a matrix, else the
-    last matrix's module."""
-    for layer in reversed(default_layers(model_name) or []):
-        weight = state_dict.get(f"{layer}.weight")
-        if torch.is_tensor(weight) and weight.dim() == 2:
-            return layer
+    """The classifier module: the last of the architecture's default D3 layers (the head; a conv for
+    SqueezeNet), else the last matrix's module."""
+    layers = default_layers(model_name)
+    if layers and f"{layers[-1]}.weight" in state_dict:
+        return layers[-1]
     matrices = [k for k, v in state_dict.items() if k.endswith(".weight") and torch.is_tensor(v) and v.dim() == 2]
     return matrices[-1][: -len(".weight")] if matrices else None
 
