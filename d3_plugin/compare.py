@@ -1,12 +1,16 @@
 """Compare defenses on one backdoored model: same reserved subset, same seed, one table.
 
-    bench = bench_from_record(load_attack_result("record/badnet"), ratio=0.05, seed=0, device="auto")
-    rows = compare(bench, ["d3", "ft", "ft-sam"], epochs=20, out="record/badnet/compare")
+    record = load_attack_result("record/badnet")
+    benches = [bench_from_record(record, ratio=0.05, seed=s, device="auto") for s in (0, 1, 2)]
+    rows = compare(benches, ["d3", "ft", "ft-sam"], epochs=20, out="record/badnet/compare")
+    table = aggregate(rows)   # one row per defense: mean, sample std, min, max over the seeds
 
-Each row: defense, ACC, ASR, RA, DER (vs. the no-defense row), wall-clock seconds, config hash, error.
-The hash covers the defense's full configuration, the record, the reserved-set draw and the seed; a
-re-run with the same out folder reuses finished rows from `compare_cache.json` (failed rows are
-retried). One failing defense yields an error row and the others still run.
+Each run row: defense, seed, ACC, ASR, RA, DER (vs. the no-defense row), wall-clock seconds, config
+hash, reserved-draw digest, error. Per seed, every defense sees that seed's reserved draw; the
+no-defense row does not depend on the seed and is evaluated once. The hash covers the defense's full
+configuration, the record, the reserved-set draw and the seed; a re-run with the same out folder
+reuses finished rows from `compare_cache.json` (failed rows are retried), so adding seeds runs only
+the new ones. One failing defense (or seed) yields an error row and the others still run.
 
 Native defenses run in-process. A BackdoorBench script (entries with `backdoorbench:` and no native
 implementation, or any name prefixed `bb:`) runs in a checkout given by `backdoorbench=PATH` as
@@ -20,12 +24,13 @@ import csv
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -39,7 +44,15 @@ from .evaluation import evaluate, summarize
 from .models import default_layers
 from .training import resolve_device, seed_everything
 
-COLUMNS = ("defense", "acc", "asr", "ra", "der", "seconds", "config_hash", "error")
+METRICS = ("acc", "asr", "ra", "der", "seconds")
+COLUMNS = ("defense", "seed", *METRICS, "config_hash", "reserved", "error")  # one run (seed) of a defense
+STAT_COLUMNS = tuple(f"{m}{s}" for m in METRICS for s in ("", "_std", "_min", "_max"))
+# one per defense: seed = "mean", n = seeds that finished, runs = seeds tried
+AGGREGATE_COLUMNS = ("defense", "seed", "n", "runs", *STAT_COLUMNS, "config_hash", "error")
+CSV_COLUMNS = ("defense", "seed", "n", "runs", *STAT_COLUMNS, "config_hash", "reserved", "error")
+MEAN = "mean"
+SEED_KEYS = ("seed", "ratio", "index_file", "reserved")  # identity keys the no-defense row does not depend on
+MAX_SEED = 2 ** 32 - 1  # numpy's limit
 NO_DEFENSE = "no defense"
 CACHE = "compare_cache.json"
 EPOCH_FIELDS = ("epochs", "teacher_epochs", "rounds")
@@ -70,6 +83,36 @@ class Bench:
 
     def reserved_batches(self, batch_size: int) -> Loader:
         return Loader(self.reserved, self.spec, batch_size, train=True, device=self.device, seed=self.seed)
+
+    def reserved_digest(self) -> str:
+        """Short hash of the reserved indices (in draw order): tells two seeds' draws apart."""
+        return registry.config_hash({"reserved": self.reserved.source_index.tolist()})
+
+
+def parse_seeds(seeds: Optional[str] = None, seed: Optional[int] = None) -> List[int]:
+    """`--seeds 0,1,2` or `--seed N` (not both) → the list of seeds; default [0]. Errors are one line."""
+    if seeds is not None and seed is not None:
+        raise ValueError("--seed and --seeds given together; use one, e.g. --seeds 0,1,2")
+    if seeds is None:
+        parsed = [0 if seed is None else seed]
+    elif not seeds.strip():
+        raise ValueError("--seeds is empty; name at least one seed, e.g. --seeds 0,1,2")
+    else:
+        parsed = [_one_seed(part, seeds) for part in seeds.split(",")]
+    repeated = sorted({s for s in parsed if parsed.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--seeds {seeds!r} repeats {', '.join(map(str, repeated))}; give each seed once")
+    bad = [s for s in parsed if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise ValueError(f"seed {bad[0]} is outside [0, {MAX_SEED}]")
+    return parsed
+
+
+def _one_seed(text: str, seeds: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"--seeds {seeds!r}: {text.strip()!r} is not an integer; use e.g. --seeds 0,1,2") from None
 
 
 def bench_from_record(record, *, ratio: float = 0.05, seed: int = 0, device: str = "auto",
@@ -239,26 +282,27 @@ def _load_cache(out: Optional[Path]) -> Dict[str, Dict]:
         return {}  # a damaged cache only costs recomputation
 
 
-def compare(bench: Bench, names: Sequence[str], *, epochs: Optional[int] = None, out: Optional[str | os.PathLike] = None,
-            overrides: Optional[Mapping[str, Mapping[str, Any]]] = None, backdoorbench: Optional[str] = None,
-            bb_device: str = "cpu", bb_python: str = sys.executable, runner: Callable = subprocess.run,
-            echo: Callable[[str], None] = print) -> List[Dict]:
-    """Run every defense in `names` on the bench; returns the rows (no-defense row first) and, with
-    `out`, writes compare.{md,csv,json,png} and the cache there."""
+def compare(bench: Union[Bench, Sequence[Bench]], names: Sequence[str], *, epochs: Optional[int] = None,
+            out: Optional[str | os.PathLike] = None, overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+            backdoorbench: Optional[str] = None, bb_device: str = "cpu", bb_python: str = sys.executable,
+            runner: Callable = subprocess.run, echo: Callable[[str], None] = print) -> List[Dict]:
+    """Run every defense in `names` on the bench, or on each bench of a list (one per seed, e.g.
+    `bench_from_record(record, seed=s)`); returns the run rows (no-defense row first, then seed by
+    seed) and, with `out`, writes compare.{md,csv,json,png} and the cache there. `aggregate(rows)`
+    gives the per-defense mean ± std over seeds."""
+    benches = _benches(bench)
     out = ensure_writable(out) if out is not None else None
     cache = _load_cache(out)
     overrides = {k.lower(): v for k, v in (overrides or {}).items()}
-    before_hash = registry.config_hash({"name": NO_DEFENSE, **bench.identity})
-    if before_hash in cache:
-        before_row = cache[before_hash]
-    else:
-        before_row = _row(NO_DEFENSE, bench.evaluate(bench.model), None, before_hash)
-        cache[before_hash] = before_row
+    before_row = _no_defense_row(benches[0], cache)
     before = {k: before_row[k] for k in ("acc", "asr", "ra")}
     rows = [before_row]
-    for requested in tqdm(list(names), desc="defenses", disable=len(names) < 2):
-        row = _run_one(bench, requested.strip(), before, cache, epochs=epochs, overrides=overrides,
+    names = list(dict.fromkeys(n.strip() for n in names))  # a repeated name would merge into one aggregate
+    jobs = [(b, requested) for b in benches for requested in names]
+    for one, requested in tqdm(jobs, desc="defenses", disable=len(jobs) < 2):
+        row = _run_one(one, requested, before, cache, epochs=epochs, overrides=overrides,
                        backdoorbench=backdoorbench, bb_device=bb_device, bb_python=bb_python, runner=runner)
+        row = {**row, "seed": one.seed, "reserved": one.reserved_digest()}  # cached rows are shared: copy
         rows.append(row)
         if not row["error"]:
             cache[row["config_hash"]] = row
@@ -268,6 +312,24 @@ def compare(bench: Bench, names: Sequence[str], *, epochs: Optional[int] = None,
     if out is not None:
         write_outputs(rows, out)
     return rows
+
+
+def _benches(bench: Union[Bench, Sequence[Bench]]) -> List[Bench]:
+    benches = [bench] if isinstance(bench, Bench) else list(bench)
+    seeds = [b.seed for b in benches]
+    if not benches or len(set(seeds)) < len(seeds):
+        raise ValueError(f"compare needs one bench per distinct seed, got seeds {seeds}")
+    return benches
+
+
+def _no_defense_row(bench: Bench, cache: Dict[str, Dict]) -> Dict:
+    """The backdoored model's own row: independent of the seed and the reserved draw, so evaluated once."""
+    digest = registry.config_hash({"name": NO_DEFENSE, **{k: v for k, v in bench.identity.items()
+                                                           if k not in SEED_KEYS}})
+    if digest not in cache:
+        cache[digest] = {**_row(NO_DEFENSE, bench.evaluate(bench.model), None, digest), "seed": None,
+                         "reserved": None}
+    return cache[digest]
 
 
 def _run_one(bench, requested, before, cache, *, epochs, overrides, backdoorbench, bb_device, bb_python, runner):
@@ -307,60 +369,133 @@ def _run_one(bench, requested, before, cache, *, epochs, overrides, backdoorbenc
 
 # --- output -------------------------------------------------------------------------------------------
 
+def aggregate(rows: Sequence[Mapping]) -> List[Dict]:
+    """One row per defense (in first-seen order) over its runs: for each of ACC, ASR, RA, DER and seconds
+    the mean, sample std (ddof=1; None for one value), min and max over the runs that finished; `n` =
+    how many finished, `runs` = how many were tried, `error` = the failed seeds' messages."""
+    groups: Dict[str, List[Mapping]] = {}
+    for row in rows:
+        groups.setdefault(row["defense"], []).append(row)
+    return [_aggregate_group(label, group) for label, group in groups.items()]
+
+
+def _aggregate_group(label: str, group: Sequence[Mapping]) -> Dict:
+    finished = [r for r in group if not r.get("error")]
+    row: Dict[str, Any] = {"defense": label, "seed": MEAN, "n": len(finished), "runs": len(group)}
+    for key in METRICS:
+        values = [r[key] for r in finished if r.get(key) is not None]
+        row.update(_stats(key, values))
+    hashes = [r["config_hash"] for r in group]
+    row["config_hash"] = hashes[0] if len(hashes) == 1 else registry.config_hash({"runs": hashes})
+    row["error"] = _seed_errors(group)
+    return row
+
+
+def _seed_errors(group: Sequence[Mapping]) -> str:
+    """'seed 2: RuntimeError: …' per distinct message ('seeds 0, 1: …' when shared); bare for a single run."""
+    by_message: Dict[str, List[str]] = {}
+    for r in group:
+        if r.get("error"):
+            by_message.setdefault(r["error"], []).append(str(r.get("seed")))
+    if len(group) == 1:
+        return next(iter(by_message), "")
+    return "; ".join(f"seed{'s' * (len(seeds) > 1)} {', '.join(seeds)}: {message}"
+                     for message, seeds in by_message.items())
+
+
+def _stats(key: str, values: Sequence[float]) -> Dict[str, Optional[float]]:
+    if not values:
+        return {key: None, f"{key}_std": None, f"{key}_min": None, f"{key}_max": None}
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {key: statistics.fmean(values), f"{key}_std": std, f"{key}_min": min(values), f"{key}_max": max(values)}
+
+
+def _table_rows(rows: Sequence[Mapping]) -> List[Mapping]:
+    """Tables show aggregates; run rows are aggregated first."""
+    return list(rows) if all("n" in row for row in rows) else aggregate(rows)
+
+
+def _cell(row: Mapping, key: str, scale: float, digits: int) -> str:
+    """`mean ± std (min–max)`; the plain value for one run or a run row; blank when missing."""
+    if row.get(key) is None:
+        return ""
+    text = f"{scale * row[key]:.{digits}f}"
+    if row.get(f"{key}_std") is not None:
+        text += (f" ± {scale * row[key + '_std']:.{digits}f} ({scale * row[key + '_min']:.{digits}f}–"
+                 f"{scale * row[key + '_max']:.{digits}f})")
+    return text
+
+
 def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
 def _display(row: Mapping) -> List[str]:
-    seconds = "" if row.get("seconds") is None else f"{row['seconds']:.1f}"
-    return [row["defense"], _pct(row["acc"]), _pct(row["asr"]), _pct(row["ra"]), _pct(row["der"]), seconds,
-            row["config_hash"], row.get("error") or ""]
+    metrics = [_cell(row, key, 100, 2) for key in ("acc", "asr", "ra", "der")]
+    n = row.get("n")
+    n_text = "" if n is None else (str(n) if n == row.get("runs", n) else f"{n} of {row['runs']}")
+    return [row["defense"], *metrics, _cell(row, "seconds", 1, 1), n_text, row["config_hash"], row.get("error") or ""]
 
 
-HEADER = ["defense", "ACC %", "ASR %", "RA %", "DER %", "seconds", "config hash", "error"]
+HEADER = ["defense", "ACC %", "ASR %", "RA %", "DER %", "seconds", "n", "config hash", "error"]
 
 
 def _progress_line(row: Mapping) -> str:
+    label = row["defense"] if row.get("seed") is None else f"{row['defense']} (seed {row['seed']})"
     if row["error"]:
-        return f"{row['defense']}: FAILED {row['error']}"
-    return f"{row['defense']}: ACC {_pct(row['acc'])}  ASR {_pct(row['asr'])}  DER {_pct(row['der'])}"
+        return f"{label}: FAILED {row['error']}"
+    return f"{label}: ACC {_pct(row['acc'])}  ASR {_pct(row['asr'])}  DER {_pct(row['der'])}"
+
+
+def _caption(rows: Sequence[Mapping]) -> str:
+    seeds = sorted({r["seed"] for r in rows if isinstance(r.get("seed"), int)})
+    if len(seeds) < 2:
+        return ""
+    return (f"Seeds {', '.join(map(str, seeds))}. Each cell: mean ± sample std (min–max) over the n seeds that "
+            "finished; the no-defense row does not depend on the seed.\n\n")
 
 
 def markdown_table(rows: Sequence[Mapping]) -> str:
+    """The aggregate table in Markdown (run rows are aggregated; a caption names the seeds when several)."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    for row in rows:
+    for row in _table_rows(rows):
         cells = [c.replace("|", "\\|") for c in _display(row)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _caption(rows) + "\n".join(lines) + "\n"
 
 
 def text_table(rows: Sequence[Mapping]) -> str:
-    """Fixed-width table for the terminal (error column last, unpadded)."""
-    body = [HEADER] + [_display(r) for r in rows]
+    """Fixed-width aggregate table for the terminal (error column last, unpadded)."""
+    body = [HEADER] + [_display(r) for r in _table_rows(rows)]
     widths = [max(len(line[i]) for line in body) for i in range(len(HEADER) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in body)
 
 
 def csv_table(rows: Sequence[Mapping]) -> str:
+    """The run rows (one per defense and seed), then the aggregate rows (seed = "mean")."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+    runs = [row for row in rows if "n" not in row]
+    for row in runs + aggregate(runs):
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
     return buffer.getvalue()
 
 
 def bar_chart(rows: Sequence[Mapping]) -> bytes:
-    """PNG bytes: ACC, ASR and DER per defense (failed rows left empty)."""
+    """PNG bytes: mean ACC, ASR and DER per defense with ±std error bars (failed rows left empty)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = _table_rows(rows)
     labels = [r["defense"] for r in rows]
     positions = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4))
     for offset, (key, name) in zip((-0.27, 0, 0.27), (("acc", "ACC"), ("asr", "ASR"), ("der", "DER"))):
-        ax.bar([p + offset for p in positions], [100 * (r[key] or 0) for r in rows], width=0.27, label=name)
+        errors = [100 * (r.get(f"{key}_std") or 0) for r in rows]
+        ax.bar([p + offset for p in positions], [100 * (r[key] or 0) for r in rows], width=0.27, label=name,
+               yerr=errors if any(errors) else None, capsize=3)
     ax.set_xticks(list(positions))
     ax.set_xticklabels(labels, rotation=30, ha="right")
     ax.set_ylabel("%")
@@ -374,9 +509,12 @@ def bar_chart(rows: Sequence[Mapping]) -> bytes:
 
 
 def write_outputs(rows: Sequence[Mapping], out: str | os.PathLike) -> Dict[str, Path]:
-    """compare.md, compare.csv, compare.json and compare.png in `out`, each written atomically."""
+    """compare.md, compare.csv, compare.json and compare.png in `out` from the run rows, each written
+    atomically: the tables and the chart show `aggregate(rows)`; CSV and JSON also keep every run row."""
     out = Path(out)
     return {"md": write_text(out / "compare.md", markdown_table(rows)),
             "csv": write_text(out / "compare.csv", csv_table(rows)),
-            "json": write_json(out / "compare.json", {"columns": list(COLUMNS), "rows": list(rows)}),
+            "json": write_json(out / "compare.json", {"columns": list(COLUMNS), "rows": list(rows),
+                                                      "aggregate_columns": list(AGGREGATE_COLUMNS),
+                                                      "aggregate": aggregate(rows)}),
             "png": write_bytes(out / "compare.png", bar_chart(rows))}

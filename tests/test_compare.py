@@ -1,4 +1,5 @@
-"""`compare`: one table over many defenses, output files, failure isolation, cache, BackdoorBench scripts.
+"""`compare`: one table over many defenses, output files, failure isolation, cache, BackdoorBench scripts,
+several seeds (mean ± std).
 
 Plumbing only, on a small synthetic record (defense efficacy is tested in test_defenses.py).
 """
@@ -71,7 +72,9 @@ def test_writes_every_output_and_a_failure_stays_in_its_row(bench, tmp_path):
     assert markdown.count("\n") == len(rows) + 2 and "unknown defense" in markdown
     with open(out / "compare.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert [r["defense"] for r in table] == list(by_name) and table[1]["error"] == ""
+    assert [r["defense"] for r in table] == list(by_name) * 2  # the runs, then one aggregate row each
+    assert [r["seed"] for r in table] == ["", *"000000", *["mean"] * 7] and table[1]["error"] == ""
+    assert table[8]["n"] == "1" and table[8]["acc_std"] == "" and table[10]["n"] == "0"
     assert float(table[1]["acc"]) == pytest.approx(by_name["ft"]["acc"])
     assert len(json.loads((out / "compare.json").read_text())["rows"]) == len(rows)
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -165,3 +168,145 @@ def test_command_line(record, tmp_path, monkeypatch, capsys):
     assert "ft-sam" in listing and "backdoorbench" in listing and "unavailable" in listing
     with pytest.raises(ValueError, match="--result_file is required"):
         command.run(parser.parse_args(["--defenses", "d3"]))
+
+
+# --- several seeds ------------------------------------------------------------------------------------
+
+def test_parse_seeds_and_its_one_line_errors():
+    assert cmp.parse_seeds("0,1,2") == [0, 1, 2]
+    assert cmp.parse_seeds(" 5, 3 ") == [5, 3]
+    assert cmp.parse_seeds(None, 7) == [7] and cmp.parse_seeds() == [0]
+    for seeds, seed, message in [("0,1", 1, "together"), ("", None, "empty"), (" ", None, "empty"),
+                                 ("0,a", None, "'a' is not an integer"), ("0,,1", None, "'' is not an integer"),
+                                 ("1.5", None, "not an integer"), ("0,1,0", None, "repeats 0"),
+                                 ("-1", None, "outside"), (None, 2 ** 32, "outside")]:
+        with pytest.raises(ValueError, match=message) as error:
+            cmp.parse_seeds(seeds, seed)
+        assert "\n" not in str(error.value)
+
+
+def run_row(defense, seed, acc, asr, der, seconds, error=""):
+    ra = None if asr is None else 1 - asr
+    return {"defense": defense, "seed": seed, "acc": acc, "asr": asr, "ra": ra, "der": der, "seconds": seconds,
+            "config_hash": f"{defense}{seed}", "reserved": f"r{seed}", "error": error}
+
+
+def test_aggregate_mean_sample_std_min_max_and_failed_seeds():
+    failed = run_row("nad", 2, None, None, None, None, "RuntimeError: boom")
+    rows = [{**run_row("no defense", None, 0.9, 0.98, None, 0.0), "config_hash": "nd"},
+            run_row("ft", 0, 0.50, 0.25, 0.60, 10.0), run_row("nad", 0, 0.8, 0.1, 0.9, 2.0),
+            run_row("ft", 1, 0.70, 0.75, 0.70, 20.0), run_row("nad", 1, 0.6, 0.3, 0.7, 4.0),
+            run_row("ft", 2, 0.90, 0.50, 0.80, 30.0), failed]
+    none, ft, nad = cmp.aggregate(rows)
+    assert [none["defense"], ft["defense"], nad["defense"]] == ["no defense", "ft", "nad"]
+    assert all(row["seed"] == "mean" for row in (none, ft, nad))
+    assert (none["n"], none["runs"], none["acc"], none["acc_std"], none["der"]) == (1, 1, 0.9, None, None)
+    assert none["config_hash"] == "nd" and none["error"] == ""
+    assert (ft["n"], ft["runs"], ft["error"]) == (3, 3, "")
+    assert ft["acc"] == pytest.approx(0.7) and ft["acc_std"] == pytest.approx(0.2)  # ddof=1
+    assert (ft["acc_min"], ft["acc_max"]) == (0.5, 0.9)
+    assert ft["asr"] == pytest.approx(0.5) and ft["asr_std"] == pytest.approx(0.25)
+    assert ft["ra"] == pytest.approx(0.5) and ft["der"] == pytest.approx(0.7) and ft["der_std"] == pytest.approx(0.1)
+    assert (ft["seconds"], ft["seconds_std"], ft["seconds_min"], ft["seconds_max"]) == (20.0, 10.0, 10.0, 30.0)
+    assert (nad["n"], nad["runs"]) == (2, 3), "a failed seed is left out of the statistics"
+    assert nad["acc"] == pytest.approx(0.7) and nad["acc_std"] == pytest.approx(0.2 / 2 ** 0.5)
+    assert (nad["seconds"], nad["seconds_min"], nad["seconds_max"]) == (3.0, 2.0, 4.0)
+    assert nad["error"] == "seed 2: RuntimeError: boom"
+    assert len({none["config_hash"], ft["config_hash"], nad["config_hash"]}) == 3
+
+    markdown = cmp.markdown_table(rows)
+    assert "| ft | 70.00 ± 20.00 (50.00–90.00) | 50.00 ± 25.00 (25.00–75.00) |" in markdown
+    assert "| 20.0 ± 10.0 (10.0–30.0) | 3 |" in markdown and "| 2 of 3 |" in markdown
+    assert "| no defense | 90.00 | 98.00 | 2.00 |  | 0.0 | 1 | nd |" in markdown
+    assert markdown.startswith("Seeds 0, 1, 2.")
+    assert cmp.bar_chart(rows)[:8] == b"\x89PNG\r\n\x1a\n"  # with error bars
+
+
+def test_two_seeds_end_to_end_then_one_more_seed_from_the_cache(record, tmp_path, monkeypatch, capsys):
+    from d3_plugin import cli
+    monkeypatch.setattr(records, "load_attack_result", lambda path, data_root=None: record)
+    out = tmp_path / "seeds"
+    argv = ["compare", "--result_file", str(record.folder), "--defenses", "ft", "--epochs", "1", "--ratio", "0.25",
+            "--device", "cpu", "--out", str(out)]
+    assert cli.main(argv + ["--seeds", "0,1"]) == 0
+    assert "seeds 0,1" in capsys.readouterr().out
+    saved = json.loads((out / "compare.json").read_text())
+    runs = saved["rows"]
+    assert [(r["defense"], r["seed"]) for r in runs] == [("no defense", None), ("ft", 0), ("ft", 1)]
+    assert runs[1]["reserved"] != runs[2]["reserved"], "each seed draws its own reserved set"
+    assert runs[1]["config_hash"] != runs[2]["config_hash"]
+    for seed, row in zip((0, 1), runs[1:]):
+        bench = cmp.bench_from_record(record, ratio=0.25, seed=seed, device="cpu")
+        assert row["reserved"] == bench.reserved_digest()  # BackdoorBench's draw for that seed
+    none, ft = saved["aggregate"]
+    assert (none["n"], ft["n"], ft["seed"]) == (1, 2, "mean")
+    for key in ("acc", "asr", "ra", "der", "seconds"):
+        a, b = runs[1][key], runs[2][key]
+        assert ft[key] == pytest.approx((a + b) / 2, rel=1e-12, abs=1e-15)
+        assert ft[f"{key}_std"] == pytest.approx(abs(a - b) / 2 ** 0.5, rel=1e-9, abs=1e-15)
+        assert (ft[f"{key}_min"], ft[f"{key}_max"]) == (min(a, b), max(a, b))
+    with open(out / "compare.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["defense"], r["seed"]) for r in table] == [("no defense", ""), ("ft", "0"), ("ft", "1"),
+                                                          ("no defense", "mean"), ("ft", "mean")]
+    assert float(table[4]["acc"]) == pytest.approx(ft["acc"]) and table[4]["n"] == "2"
+    assert " ± " in (out / "compare.md").read_text()
+
+    calls = []
+    real = cmp.run_native
+
+    def fail_seed_2(bench, defense):
+        calls.append(bench.seed)
+        if bench.seed == 2:
+            raise RuntimeError("diverged")
+        return real(bench, defense)
+    monkeypatch.setattr(cmp, "run_native", fail_seed_2)
+    monkeypatch.setattr(cmp.Bench, "evaluate", lambda *a: pytest.fail("the no-defense row comes from the cache"))
+    assert cli.main(argv + ["--seeds", "0,1,2"]) == 1
+    assert calls == [2], "seeds 0 and 1 come from the cache"
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["rows"][1:3] == runs[1:]
+    ft = saved["aggregate"][1]
+    assert (ft["n"], ft["runs"]) == (2, 3) and ft["error"] == "seed 2: RuntimeError: diverged"
+    assert ft["acc"] == pytest.approx((runs[1]["acc"] + runs[2]["acc"]) / 2)
+    assert "2 of 3" in (out / "compare.md").read_text()
+
+    capsys.readouterr()
+    assert cli.main(argv + ["--seeds", "0,1", "--seed", "1"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_backdoorbench_scripts_run_once_per_seed(record, tmp_path):
+    checkout = record.checkout_root
+    (checkout / "defense").mkdir()
+    (checkout / "defense" / "nc.py").write_text("# stand-in")
+    seeds = []
+
+    def runner(command, cwd, **kwargs):
+        seed = int(command[command.index("--random_seed") + 1])
+        seeds.append(seed)
+        folder = Path(cwd) / "record" / command[command.index("--result_file") + 1] / "defense" / "nc"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "nc_df_summary.csv").write_text(f",test_acc,test_asr,test_ra\nlast,0.{5 + seed},0.25,0.4\n")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    benches = [cmp.bench_from_record(record, ratio=0.25, seed=s, device="cpu") for s in (3, 4)]
+    rows = cmp.compare(benches, ["nc"], backdoorbench=str(checkout), runner=runner, echo=lambda line: None,
+                       out=tmp_path / "bb")
+    assert seeds == [3, 4]
+    assert [(r["seed"], r["acc"]) for r in rows[1:]] == [(3, 0.8), (4, 0.9)]
+    assert cmp.aggregate(rows)[1]["acc"] == pytest.approx(0.85)
+    cmp.compare(benches, ["nc"], backdoorbench=str(checkout), runner=runner, echo=lambda line: None,
+                out=tmp_path / "bb")
+    assert seeds == [3, 4], "both seeds come from the cache"
+    with pytest.raises(ValueError, match="distinct seed"):
+        cmp.compare([benches[0], benches[0]], ["nc"], echo=lambda line: None)
+
+
+def test_aggregate_names_the_failed_seeds_once_per_message():
+    rows = [run_row("x", s, None, None, None, None, "ValueError: unknown") for s in (0, 1)]
+    rows.append(run_row("x", 2, None, None, None, None, "RuntimeError: other"))
+    (x,) = cmp.aggregate(rows)
+    assert (x["n"], x["runs"], x["acc"], x["acc_std"]) == (0, 3, None, None)
+    assert x["error"] == "seeds 0, 1: ValueError: unknown; seed 2: RuntimeError: other"
+    assert cmp.aggregate(rows[:1])[0]["error"] == "ValueError: unknown"

@@ -1,12 +1,13 @@
-"""`d3-plugin compare`: several defenses on one attack record, same reserved subset and seed, one table."""
+"""`d3-plugin compare`: several defenses on one attack record, same reserved subset and seed, one table
+(with `--seeds`, mean ± std over seeds)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 NAME = "compare"
-HELP = ("run several defenses on one BackdoorBench attack record with the same reserved data and seed; "
-        "print one table and save it as Markdown, CSV, JSON and a bar chart")
+HELP = ("run several defenses on one BackdoorBench attack record with the same reserved data and seed "
+        "(or seeds); print one table and save it as Markdown, CSV, JSON and a bar chart")
 DEFAULT_DEFENSES = "d3,ft,ft-sam,fst,nad,anp,fp,i-bau,aft"
 
 
@@ -19,7 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="training epochs for every defense (default: each one's own)")
     parser.add_argument("--ratio", type=float, default=0.05, help="reserved clean fraction of the training set")
     parser.add_argument("--index", help="reserved-set index file (one integer a line) instead of --ratio")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the reserved draw and every defense")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed for the reserved draw and every defense (default 0); same as --seeds N")
+    parser.add_argument("--seeds", metavar="S1,S2,...",
+                        help="comma-separated seeds: per seed its own reserved draw and defense seed; the table "
+                             "shows mean ± std (min–max) over them (not with --seed)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", help="output folder (default <record>/compare)")
     parser.add_argument("--data_root", help="dataset folder, if not where the record says")
@@ -36,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..backdoorbench.records import load_attack_result
-    from ..compare import bench_from_record, compare, parse_overrides, text_table
+    from ..compare import bench_from_record, compare, parse_overrides, parse_seeds, text_table
 
     if args.list:
         return list_defenses()
@@ -48,12 +53,15 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise ValueError("--defenses is empty; name at least one defense, e.g. --defenses d3,ft")
     overrides = parse_overrides(args.overrides)
+    seeds = parse_seeds(args.seeds, args.seed)
     record = load_attack_result(args.result_file, args.data_root)
-    bench = bench_from_record(record, ratio=args.ratio, seed=args.seed, device=args.device, index_file=args.index)
+    benches = [bench_from_record(record, ratio=args.ratio, seed=s, device=args.device, index_file=args.index)
+               for s in seeds]
     out = Path(args.out) if args.out else Path(record.folder) / "compare"
-    print(f"compare on {record.folder} ({record.model_name}, {record.dataset}): {len(bench.reserved)} reserved "
-          f"samples, seed {args.seed}, device {bench.device}; results in {out}")
-    rows = compare(bench, names, epochs=args.epochs, out=out, overrides=overrides, backdoorbench=args.backdoorbench,
+    print(f"compare on {record.folder} ({record.model_name}, {record.dataset}): {len(benches[0].reserved)} "
+          f"reserved samples, seed{'s' * (len(seeds) > 1)} {','.join(map(str, seeds))}, "
+          f"device {benches[0].device}; results in {out}")
+    rows = compare(benches, names, epochs=args.epochs, out=out, overrides=overrides, backdoorbench=args.backdoorbench,
                    bb_device=args.backdoorbench_device, bb_python=args.backdoorbench_python or sys.executable)
     print(text_table(rows))
     return 1 if any(row["error"] for row in rows) else 0
