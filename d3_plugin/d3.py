@@ -16,6 +16,11 @@ Defaults and their source (paper = arXiv 2411.09585; code = the authors' defense
     lr=0.01, momentum=0.9, wd=0,
     cosine schedule, batch 256,
     bn_train=True, epochs=100       code (CIFAR-10)
+
+Run settings (not the algorithm's): precision="auto" (d3_plugin.precision: bf16 autocast on a CPU with
+native bf16 or a bf16 GPU, fp16 + GradScaler on older GPUs, else fp32; weights stay fp32 and the
+distance and projection are computed in fp32), channels_last=None (precision's rule), eval_every=1
+(on_epoch after every N-th epoch and the last), eval_batch_size=512 (for callers' test loaders).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import check_precision, full_precision, model_device, resolve_precision
 from .training import cosine, fit, sgd
 
 WARM_STARTS = ("near", "random", "middle", "far", "noise")
@@ -48,6 +54,10 @@ class D3Config:
     batch_size: int = 256
     bn_train: bool = True
     seed: int = 0
+    precision: str = "auto"
+    channels_last: Optional[bool] = None
+    eval_every: int = 1
+    eval_batch_size: int = 512
 
     def __post_init__(self):
         if self.hinge not in HINGES:
@@ -56,6 +66,11 @@ class D3Config:
             raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
         if self.lam < 0 or self.eps < 0 or self.epochs < 0:
             raise ValueError("lam, eps and epochs must be non-negative")
+        check_precision(self.precision)
+        for option in ("eval_every", "eval_batch_size"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be a positive integer, got {value!r}; pass e.g. --{option} 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,10 +140,12 @@ def clean_hinge(logits: torch.Tensor, labels: torch.Tensor, eps: float, mode: st
 def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor], config: D3Config):
     """The D3 loss −d + λ·hinge (divided by λ + 1 when `normalize` and λ > 1) as a training objective."""
     scale = 1.0 / (config.lam + 1.0) if config.normalize and config.lam > 1 else 1.0
+    device = next(iter(weights.values())).device
 
     def d3_loss(model, inputs, labels):
-        hinge, clean_loss = clean_hinge(model(inputs), labels, config.eps, config.hinge)
-        dist = distance(weights, initial)
+        hinge, clean_loss = clean_hinge(model(inputs).float(), labels, config.eps, config.hinge)
+        with full_precision(device):  # the distance stays fp32 under autocast
+            dist = distance(weights, initial)
         loss = (config.lam * hinge - dist) * scale
         return loss, {"loss": loss.detach(), "clean_loss": clean_loss.detach(),
                       "hinge": hinge.detach(), "distance": dist.detach()}
@@ -141,7 +158,8 @@ def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Confi
     """Run D3 on a copy of `model`; returns (purified model, per-epoch history).
 
     History rows: epoch, lr, loss, clean_loss, hinge, distance (means over the epoch's batches, taken
-    before each step), plus whatever `on_epoch(epoch, model)` returns (e.g. ACC/ASR).
+    before each step), plus whatever `on_epoch(epoch, model)` returns (e.g. ACC/ASR) after every
+    `config.eval_every`-th epoch and the last. Training runs in `config.precision` (module docstring).
     """
     config = config or D3Config()
     model = copy.deepcopy(model)
@@ -150,7 +168,10 @@ def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Confi
     norms = {name: torch.linalg.vector_norm(w) for name, w in initial.items()}
     warm_start(weights, config.warm_start, torch.Generator().manual_seed(config.seed))
     optimizer = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
+    precision = resolve_precision(config.precision, model_device(model), model=model,
+                                  channels_last=config.channels_last)
     history = fit(model, clean_batches, optimizer, objective(weights, initial, config), config.epochs,
                   scheduler=cosine(optimizer, config.epochs), after_step=lambda _: project(weights, norms),
-                  bn_train=config.bn_train, on_epoch=on_epoch, progress=progress)
+                  bn_train=config.bn_train, on_epoch=on_epoch, on_epoch_every=config.eval_every,
+                  precision=precision, progress=progress)
     return model, history

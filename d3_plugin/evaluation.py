@@ -6,38 +6,47 @@ from typing import Dict, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from .precision import Precision, model_device, resolve_precision
 
-@torch.no_grad()
-def _predict(model: torch.nn.Module, batches: Iterable):
-    """Predictions and summed cross-entropy (against the loader's labels) over a whole loader."""
-    predictions, loss_sum, batch_losses = [], 0.0, []
+
+def _predict(model: torch.nn.Module, batches: Iterable, mode: Precision):
+    """Predictions and mean per-batch cross-entropy (against the loader's labels) over a whole loader."""
+    predictions, batch_losses = [], []
     for inputs, labels in batches:
-        logits = model(inputs)
+        with mode.autocast():
+            logits = model(mode.batch(inputs))
+        logits = logits.float()
         batch_losses.append(F.cross_entropy(logits, labels))
         predictions.append(logits.argmax(1))
     loss = torch.stack(batch_losses).mean().item() if batch_losses else float("nan")
     return torch.cat(predictions), loss
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, clean_test=None, backdoor_test=None) -> Dict[str, float]:
+def evaluate(model: torch.nn.Module, clean_test=None, backdoor_test=None, *,
+             precision: str | Precision | None = None) -> Dict[str, float]:
     """Evaluate on a clean test loader and/or a poisoned test loader.
 
     The poisoned loader's labels are the backdoor labels and its `data.original_labels` the true
     classes; it should hold only samples whose true class differs from the target (all-to-one).
     Returns fractions in [0, 1]: `acc`, `asr`, `ra`, and mean per-batch losses `clean_loss`, `bd_loss`.
+    Runs under torch.inference_mode; `precision` (auto | bf16 | fp16 | fp32, `d3_plugin.precision`;
+    None = plain fp32) sets autocast and channels_last. The loaders' batch size is the evaluation's.
     """
+    mode = resolve_precision(precision, model_device(model), model=model)
     was_training = model.training
     model.eval()
     results: Dict[str, float] = {}
-    if clean_test is not None:
-        predictions, results["clean_loss"] = _predict(model, clean_test)
-        results["acc"] = _accuracy(predictions, clean_test.data.labels)
-    if backdoor_test is not None:
-        predictions, results["bd_loss"] = _predict(model, backdoor_test)
-        results["asr"] = _accuracy(predictions, backdoor_test.data.labels)
-        results["ra"] = _accuracy(predictions, backdoor_test.data.original_labels)
-    model.train(was_training)
+    try:
+        with mode.formatted(model), torch.inference_mode():  # convert outside inference mode
+            if clean_test is not None:
+                predictions, results["clean_loss"] = _predict(model, clean_test, mode)
+                results["acc"] = _accuracy(predictions, clean_test.data.labels)
+            if backdoor_test is not None:
+                predictions, results["bd_loss"] = _predict(model, backdoor_test, mode)
+                results["asr"] = _accuracy(predictions, backdoor_test.data.labels)
+                results["ra"] = _accuracy(predictions, backdoor_test.data.original_labels)
+    finally:
+        model.train(was_training)
     return results
 
 

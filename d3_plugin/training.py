@@ -4,6 +4,10 @@ A training run is an `objective(model, inputs, labels) -> (loss, stats)` minimis
 epoch by epoch, with an optional `after_step(model)` hook (D3's projection) and an `on_epoch`
 callback (evaluation). Optimizers are driven through `step(closure)`, so a SAM optimizer, which needs
 two forward/backward passes per step, plugs in unchanged.
+
+`precision` (`d3_plugin.precision`: auto | bf16 | fp16 | fp32; None = plain fp32) puts the objective's
+forward under autocast and conv models and batches in channels_last; weights and optimizer state stay
+fp32. fp16 adds a GradScaler: the closure runs once, then `scaler.step(optimizer)` (so not with SAM).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .precision import Precision, model_device, resolve_precision
 from .sam import SAM
 
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple]
@@ -50,30 +55,44 @@ def cosine(optimizer: torch.optim.Optimizer, epochs: int):
 def cross_entropy(label_smoothing: float = 0.0) -> Objective:
     """Plain classification objective: mean cross-entropy."""
     def objective(model, inputs, labels):
-        loss = F.cross_entropy(model(inputs), labels, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(model(inputs).float(), labels, label_smoothing=label_smoothing)
         return loss, {"loss": loss.detach()}
     return objective
 
 
 def train_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                 objective: Objective, *, after_step: Optional[Callable[[torch.nn.Module], None]] = None,
-                bn_train: bool = True) -> Stats:
-    """One pass over `batches`; returns each stat averaged over batches (one host sync per epoch)."""
+                bn_train: bool = True, precision: str | Precision | None = None, scaler=None) -> Stats:
+    """One pass over `batches`; returns each stat averaged over batches (one host sync per epoch).
+
+    `precision`: autocast and input memory format (see the module docstring); `scaler`: a GradScaler
+    (fit makes one for fp16).
+    """
+    mode = resolve_precision(precision, model_device(model), model=model, sam=isinstance(optimizer, SAM))
+    if scaler is not None and isinstance(optimizer, SAM):
+        raise ValueError("a GradScaler (precision fp16) cannot drive SAM's two-pass step; use --precision bf16 or fp32")
     model.train(bn_train)
     totals: Dict[str, torch.Tensor] = {}
     count = 0
     for inputs, labels in batches:
+        inputs = mode.batch(inputs)
         recorded: Dict[str, torch.Tensor] = {}
 
         def closure():
             optimizer.zero_grad(set_to_none=True)
-            loss, stats = objective(model, inputs, labels)
-            loss.backward()
+            with mode.autocast():
+                loss, stats = objective(model, inputs, labels)
+            (loss if scaler is None else scaler.scale(loss)).backward()
             if not recorded:  # SAM calls the closure twice: keep the stats at the unperturbed weights
                 recorded.update(stats)
             return loss
 
-        optimizer.step(closure)
+        if scaler is None:
+            optimizer.step(closure)
+        else:  # GradScaler.step takes no closure: one pass, then an unscaled step (skipped on inf/NaN)
+            closure()
+            scaler.step(optimizer)
+            scaler.update()
         if after_step is not None:
             after_step(model)
         for key, value in recorded.items():
@@ -84,24 +103,37 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.opti
 
 def fit(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, objective: Objective,
         epochs: int, *, scheduler=None, after_step=None, bn_train: bool = True,
-        on_epoch: Optional[Callable[[int, torch.nn.Module], Stats]] = None,
-        progress: Optional[str] = None) -> List[Stats]:
+        on_epoch: Optional[Callable[[int, torch.nn.Module], Stats]] = None, on_epoch_every: int = 1,
+        precision: str | Precision | None = None, progress: Optional[str] = None) -> List[Stats]:
     """Train for `epochs`; each history row holds the epoch's mean stats, its lr and `on_epoch`'s results.
 
-    `progress` names a tqdm bar over epochs (None: no bar).
+    `on_epoch` runs after every `on_epoch_every`-th epoch and after the last (`due`). `precision`: see
+    the module docstring; a conv model is in channels_last while it trains (when chosen) and comes back
+    in its own format. `progress` names a tqdm bar over epochs (None: no bar).
     """
+    if int(on_epoch_every) < 1:
+        raise ValueError(f"on_epoch_every must be a positive integer, got {on_epoch_every!r}")
+    mode = resolve_precision(precision, model_device(model), model=model, sam=isinstance(optimizer, SAM))
+    scaler = mode.grad_scaler()
     history: List[Stats] = []
     bar = tqdm(range(epochs), desc=progress, leave=False, disable=progress is None)
-    for epoch in bar:
-        row: Stats = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_epoch(model, batches, optimizer, objective, after_step=after_step, bn_train=bn_train))
-        if scheduler is not None:
-            scheduler.step()
-        if on_epoch is not None:
-            row.update(on_epoch(epoch + 1, model))
-        history.append(row)
-        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ("loss", "acc", "asr")})
+    with mode.formatted(model):
+        for epoch in bar:
+            row: Stats = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            row.update(train_epoch(model, batches, optimizer, objective, after_step=after_step, bn_train=bn_train,
+                                   precision=mode, scaler=scaler))
+            if scheduler is not None:
+                scheduler.step()
+            if on_epoch is not None and due(epoch + 1, epochs, on_epoch_every):
+                row.update(on_epoch(epoch + 1, model))
+            history.append(row)
+            bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ("loss", "acc", "asr")})
     return history
+
+
+def due(epoch: int, epochs: int, every: int) -> bool:
+    """Whether epoch `epoch` (1-based) of `epochs` is one to evaluate: every `every`-th, and the last."""
+    return epoch % every == 0 or epoch == epochs
 
 
 def train_classifier(model: torch.nn.Module, batches: Iterable, *, epochs: int, lr: float, momentum: float = 0.9,

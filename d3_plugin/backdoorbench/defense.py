@@ -9,6 +9,18 @@ importable. It reads only `self.args`. The algorithm is `d3_plugin.d3.detoxify`;
 BackdoorBench's settings onto `D3Config`, feeds it the reserved clean set, and writes BackdoorBench's
 result files: record/<attack>/defense/d3/{defense_result.pt, d3_df.csv, d3_df_summary.csv,
 acc_like_metric_plots.png, loss_metric_plots.png, d3_summary.json, log/index.txt, log/<time>.log}.
+
+Speed settings (defaults in `D3Config`):
+- precision (`--precision auto|bf16|fp16|fp32`, default auto; `d3_plugin.precision`). BackdoorBench's
+  `--amp True` means auto (mixed precision where the device has it), `--amp False` means fp32.
+  `--precision` beats `--amp`, and the command line beats the YAML: command-line precision, then
+  command-line amp, then YAML precision, then YAML amp, then the default auto.
+- `--eval_every N` (default 1): evaluate ACC/ASR/RA after every N-th epoch and always after the last.
+  d3_df.csv keeps one row per epoch; a skipped epoch's row carries its training loss only (its test
+  columns are empty cells), so `last` in d3_df_summary.csv is the last epoch's evaluation and
+  `valid_max` the best evaluated value. Checkpoints (`frequency_save`) are written at evaluated epochs,
+  so frequency_save must be a multiple of eval_every.
+- `--eval_batch_size` (default 512): batch size of the test-set passes (before, every evaluated epoch).
 """
 from __future__ import annotations
 
@@ -30,6 +42,7 @@ from ..data import Loader
 from ..data.readers import dataset_spec
 from ..evaluation import defense_effectiveness_rate, evaluate
 from ..models import default_layers
+from ..precision import PRECISIONS, resolve_precision
 from ..training import resolve_device, seed_everything
 from . import outputs
 from .records import (align_state_dict, load_attack_result, load_model_checkpoint, model_from_record,
@@ -57,6 +70,19 @@ def _flag(text) -> bool:
 
 def _as_bool(value) -> bool:
     return value if isinstance(value, bool) else _flag(value)
+
+
+def _positive(option: str):
+    """A converter to a positive int whose error names the option."""
+    def convert(value) -> int:
+        try:
+            number = int(value)
+            if number != float(value) or number < 1 or isinstance(value, bool):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"--{option} must be a positive integer, got {value!r}; pass e.g. --{option} 1") from None
+        return number
+    return convert
 
 
 def read_yaml(path) -> dict:
@@ -107,7 +133,12 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         add("-pm", "--pin_memory", type=_flag, help="accepted for compatibility (tensor loader)")
         add("-nb", "--non_blocking", type=_flag, help="accepted for compatibility")
         add("-pf", "--prefetch", type=_flag, help="accepted for compatibility")
-        add("--amp", type=_flag, help="accepted for compatibility; D3 runs in full precision")
+        add("--amp", type=_flag, help="True: mixed precision (= --precision auto); False: fp32 unless --precision "
+            "says otherwise")
+        add("--precision", type=str, help=f"{' | '.join(PRECISIONS)} (default auto: bf16 on CPUs with native "
+            "bf16 and bf16 GPUs, fp16 on older GPUs, else fp32); beats --amp")
+        add("--eval_every", type=int, help="evaluate every N epochs and after the last (default 1: every epoch)")
+        add("--eval_batch_size", type=int, help="batch size of test-set evaluation (default 512)")
         add("--checkpoint_load", type=str, help="model checkpoint to purify instead of the record's model")
         add("--checkpoint_save", type=str, help="folder for per-epoch checkpoints (default save_path/checkpoint)")
         add("--log", type=str, help="folder for the log and index.txt (default save_path/log)")
@@ -224,12 +255,33 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
                   "hinge": get("hinge"), "normalize": get("normalize"), "warm_start": get("warm_up_method"),
                   "epochs": get("epochs"), "lr": get("lr"), "momentum": get("sgd_momentum"),
                   "weight_decay": get("wd"), "batch_size": get("batch_size"), "bn_train": get("train_mode"),
-                  "seed": get("random_seed")}
+                  "seed": get("random_seed"), "precision": self.precision_setting(),
+                  "eval_every": get("eval_every"), "eval_batch_size": get("eval_batch_size")}
         types = {"lam": float, "eps": float, "lr": float, "momentum": float, "weight_decay": float,
-                 "epochs": int, "batch_size": int, "seed": int, "normalize": _as_bool, "bn_train": _as_bool}
+                 "epochs": int, "batch_size": int, "seed": int, "normalize": _as_bool, "bn_train": _as_bool,
+                 "eval_every": _positive("eval_every"), "eval_batch_size": _positive("eval_batch_size")}
         values = {k: types.get(k, str)(v) for k, v in values.items() if v is not None}
         values["layers"] = layers or default_layers(args.model)
-        return D3Config(**values)
+        config = D3Config(**values)
+        frequency = int(get("frequency_save") or 0)
+        if frequency and frequency % config.eval_every:
+            raise ValueError(f"frequency_save {frequency} is not a multiple of eval_every {config.eval_every} "
+                             f"(checkpoints are written at evaluated epochs); make it one")
+        return config
+
+    def precision_setting(self) -> Optional[str]:
+        """--precision or --amp → a precision name (None: D3Config's default). The command line beats
+        the YAML, and within each precision beats amp; amp True → auto, amp False → fp32."""
+        args = self.args
+        for from_command_line in (True, False):
+            for key in ("precision", "amp"):
+                value = getattr(args, key, None)
+                if value is None or value == "" or (key in self.cli_keys) != from_command_line:
+                    continue
+                if key == "precision":
+                    return str(value)  # D3Config checks it
+                return "auto" if _as_bool(value) else "fp32"
+        return None
 
     def _supported(self, key: str, allowed: tuple, fix: str) -> None:
         value = getattr(self.args, key, None)
@@ -276,17 +328,18 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         self.set_trainer(self._load_model().to(device))
         index = reserved_indices(len(record.clean_train), getattr(args, "ratio", None),
                                  getattr(args, "index", None), seed)
-        batch_size = self.config.batch_size
-        reserved = Loader(record.clean_train.subset(index), record.spec, batch_size, train=True,
+        config = self.config
+        reserved = Loader(record.clean_train.subset(index), record.spec, config.batch_size, train=True,
                           device=device, seed=seed)
-        clean_test = Loader(record.clean_test, record.spec, batch_size, device=device)
-        bd_test = Loader(poisoned_only(record.bd_test), record.spec, batch_size, device=device)
-        logger.info("D3 on %s (%s, %s) with %d reserved samples on %s; config %s", record.folder,
-                    args.model, record.dataset, len(index), device, self.config.to_dict())
-        if getattr(args, "amp", False):
-            logger.info("amp is ignored: D3 runs in full precision")
+        clean_test = Loader(record.clean_test, record.spec, config.eval_batch_size, device=device)
+        bd_test = Loader(poisoned_only(record.bd_test), record.spec, config.eval_batch_size, device=device)
+        self.precision = resolve_precision(config.precision, device, model=self.model,
+                                           channels_last=config.channels_last)
+        logger.info("D3 on %s (%s, %s) with %d reserved samples on %s in %s%s; config %s", record.folder,
+                    args.model, record.dataset, len(index), device, self.precision.name,
+                    " (channels_last)" if self.precision.channels_last else "", config.to_dict())
 
-        before = evaluate(self.model, clean_test, bd_test)
+        before = evaluate(self.model, clean_test, bd_test, precision=self.precision)
         logger.info("before: %s", _rounded(before))
         purified, history = self.trainer(reserved, on_epoch=self._on_epoch(clean_test, bd_test))
         after = _metrics(history[-1]) if history else before  # the last epoch's evaluation
@@ -298,8 +351,8 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
     def _on_epoch(self, clean_test, bd_test):
         frequency = int(getattr(self.args, "frequency_save", None) or 0)
 
-        def on_epoch(epoch: int, model) -> Dict[str, float]:
-            metrics = evaluate(model, clean_test, bd_test)
+        def on_epoch(epoch: int, model) -> Dict[str, float]:  # detoxify calls it on evaluated epochs
+            metrics = evaluate(model, clean_test, bd_test, precision=self.precision)
             logger.info("epoch %d: %s", epoch - 1, _rounded(metrics))
             if frequency and epoch % frequency == 0:
                 write_defense_result(Path(self.args.checkpoint_save) / f"{NAME}_epoch_{epoch - 1}.pt",
@@ -312,6 +365,7 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         keys = ("acc", "asr", "ra")
         return {"defense": NAME, "d3_plugin_version": __version__, "record": str(self.result.folder),
                 "model": args.model, "dataset": args.dataset, "device": str(device),
+                "precision": self.precision.name, "channels_last": self.precision.channels_last,
                 "reserved": {"size": len(index), "ratio": getattr(args, "ratio", None),
                              "index_file": getattr(args, "index", None), "random_seed": args.random_seed
                              if getattr(args, "random_seed", None) is not None else 0},
@@ -353,13 +407,15 @@ def poisoned_only(bd_test):
 
 
 def epoch_row(history_row: Dict[str, float]) -> Dict[str, float]:
-    """A history row of detoxify → BackdoorBench's per-epoch columns (epoch counted from 0)."""
+    """A history row of detoxify → BackdoorBench's per-epoch columns (epoch counted from 0). An epoch
+    that was not evaluated (--eval_every) keeps its training loss; its test columns are None (empty)."""
+    evaluated = "acc" in history_row  # else "clean_loss" is D3's training clean loss, not the test loss
+    test = history_row.get if evaluated else (lambda key: None)
     return {"epoch": int(history_row["epoch"]) - 1,
             "train_epoch_loss_avg_over_batch": history_row.get("loss"),
-            "clean_test_loss_avg_over_batch": history_row.get("clean_loss"),
-            "bd_test_loss_avg_over_batch": history_row.get("bd_loss"),
-            "test_acc": history_row.get("acc"), "test_asr": history_row.get("asr"),
-            "test_ra": history_row.get("ra")}
+            "clean_test_loss_avg_over_batch": test("clean_loss"),
+            "bd_test_loss_avg_over_batch": test("bd_loss"),
+            "test_acc": test("acc"), "test_asr": test("asr"), "test_ra": test("ra")}
 
 
 def _metrics(row: Dict[str, float]) -> Dict[str, float]:
