@@ -284,3 +284,69 @@ def test_bad_input_is_one_line_and_writes_no_result(checkout, tmp_path, monkeypa
     results = {"defense_result.pt", "d3_df.csv", "d3_df_summary.csv", "d3_summary.json", "index.txt",
                "acc_like_metric_plots.png", "loss_metric_plots.png"}
     assert not [p for p in record.rglob("*") if p.name in results]
+
+
+# --- precision, --amp, --eval_every, --eval_batch_size --------------------------------------------------
+
+@pytest.mark.parametrize("yaml_text, argv, expected", [
+    ("", [], "auto"),                                             # D3Config's default
+    ("amp: False\n", [], "fp32"),                                 # BackdoorBench's amp False: full precision
+    ("amp: True\n", [], "auto"),
+    ("amp: False\n", ["--amp", "True"], "auto"),                  # the command line beats the YAML
+    ("amp: True\n", ["--amp", "False"], "fp32"),
+    ("amp: False\nprecision: bf16\n", [], "bf16"),                # precision beats amp
+    ("", ["--amp", "True", "--precision", "fp32"], "fp32"),
+    ("", ["--amp", "False", "--precision", "bf16"], "bf16"),
+    ("precision: fp32\n", ["--amp", "True"], "auto"),             # command-line amp beats YAML precision
+    ("precision: bf16\n", ["--precision", "fp16"], "fp16"),
+])
+def test_amp_and_precision_map_onto_d3config(tmp_path, yaml_text, argv, expected):
+    config = tmp_path / "d3.yaml"
+    config.write_text("model: small_cnn\n" + yaml_text)
+    assert d3(parse(["--yaml_path", str(config), *argv])).d3_config().precision == expected
+
+
+def test_eval_options_defaults_and_one_line_errors(tmp_path):
+    config = tmp_path / "d3.yaml"
+    config.write_text("model: small_cnn\n")
+    cfg = d3(parse(["--yaml_path", str(config)])).d3_config()
+    assert (cfg.eval_every, cfg.eval_batch_size, cfg.precision) == (1, 512, "auto")
+    cfg = d3(parse(["--yaml_path", str(config), "--eval_every", "4", "--eval_batch_size", "1024"])).d3_config()
+    assert (cfg.eval_every, cfg.eval_batch_size) == (4, 1024)
+    for argv, option in ((["--precision", "fp8"], "--precision"), (["--eval_every", "0"], "--eval_every"),
+                         (["--eval_batch_size", "-5"], "--eval_batch_size"),
+                         (["--eval_every", "3", "--frequency_save", "2"], "frequency_save")):
+        with pytest.raises(ValueError, match=option) as error:
+            d3(parse(["--yaml_path", str(config), *argv])).d3_config()
+        assert "\n" not in str(error.value)
+    config.write_text("model: small_cnn\neval_every: three\n")
+    with pytest.raises(ValueError, match="--eval_every must be a positive integer"):
+        d3(parse(["--yaml_path", str(config)])).d3_config()
+
+
+def test_eval_every_3_of_5_epochs_evaluates_epochs_3_and_5(checkout, tmp_path, monkeypatch):
+    root = clone_checkout(checkout, tmp_path)
+    monkeypatch.chdir(root)
+    result = main(["--yaml_path", "./config/defense/d3/mnist.yaml", "--result_file", RECORD, "--epochs", "5",
+                   "--ratio", "0.1", "--batch_size", "64", "--eval_every", "3", "--eval_batch_size", "128",
+                   "--precision", "bf16"])
+    assert [("acc" in row) for row in result["history"]] == [False, False, True, False, True]
+    save = root / "record" / RECORD / "defense" / "d3"
+    table = list(csv.reader(open(save / "d3_df.csv")))
+    assert table[0] == COLUMNS and len(table) == 6
+    rows = [dict(zip(COLUMNS, row)) for row in table[1:]]
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3", "4"]
+    for r in rows:
+        assert math.isfinite(float(r["train_epoch_loss_avg_over_batch"]))  # every epoch keeps its training loss
+        evaluated = r["epoch"] in ("2", "4")  # epochs 3 and 5, counted from 0
+        assert all((r[c] != "") == evaluated for c in COLUMNS[3:]), r
+    summary = {row[0]: row[1:] for row in csv.reader(open(save / "d3_df_summary.csv"))}
+    assert set(summary) == {"", "last", "valid_max", "exist_nan_value"} and summary[""] == COLUMNS[1:]
+    assert summary["last"] == [rows[-1][c] for c in COLUMNS[1:]]
+    evaluated = [r for r in rows if r["epoch"] in ("2", "4")]
+    assert [float(v) for v in summary["valid_max"][3:]] == [max(float(r[c]) for r in evaluated) for c in COLUMNS[4:]]
+    assert summary["exist_nan_value"] == ["False"] * 7
+    report = json.loads((save / "d3_summary.json").read_text())
+    assert report["precision"] == "bf16" and report["config"]["eval_every"] == 3
+    assert report["after"]["acc"] == pytest.approx(float(rows[-1]["test_acc"]))
+    assert result["after"]["acc"] == report["after"]["acc"]

@@ -90,3 +90,50 @@ def test_summarize_reports_after_metrics_and_der():
     before = {"acc": 0.9, "asr": 0.95, "ra": 0.04}
     after = {"acc": 0.88, "asr": 0.05, "ra": 0.8, "clean_loss": 0.3}
     assert summarize(before, after) == pytest.approx({"acc": 0.88, "asr": 0.05, "ra": 0.8, "der": 0.94})
+
+
+# ---------------------------------------------------------------- precision
+
+RGB = DatasetSpec("rgb", 4, 3, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_padding=0)
+
+
+def small_convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 4))
+
+
+def test_bf16_evaluate_agrees_with_fp32_on_a_tiny_model():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (300, 3, 16, 16), generator=g, dtype=torch.uint8)
+    clean = ImageSet(images[:200], torch.randint(0, 4, (200,), generator=g))
+    backdoor = ImageSet(images[200:], torch.zeros(100, dtype=torch.long), torch.randint(1, 4, (100,), generator=g),
+                        torch.ones(100, dtype=torch.bool))
+    model = small_convnet().eval()
+    loaders = (Loader(clean, RGB, 64), Loader(backdoor, RGB, 64))
+    fp32 = evaluate(model, *loaders, precision="fp32")
+    assert evaluate(model, *loaders) == pytest.approx(fp32, rel=1e-5)  # channels_last fp32 = plain fp32
+    bf16 = evaluate(model, *(Loader(d.data, RGB, 512) for d in loaders), precision="bf16")
+    for key in ("acc", "asr", "ra"):
+        assert bf16[key] == pytest.approx(fp32[key], abs=0.03)
+    for key in ("clean_loss", "bd_loss"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=0.02)
+    # predictions themselves agree on all but a few near-ties
+    with torch.no_grad():
+        x = loaders[0].prepare(clean.images)
+        reference = model(x).argmax(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x.contiguous(memory_format=torch.channels_last)).float().argmax(1)
+    assert (reference == low).float().mean().item() >= 0.95
+    assert model[0].weight.is_contiguous() and not model.training  # format and mode restored
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_evaluate_leaves_no_inference_tensors_in_a_model_it_converted():
+    model = small_convnet().train()
+    clean = ImageSet(torch.zeros(4, 3, 16, 16, dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))
+    evaluate(model, Loader(clean, RGB, 4), precision="bf16")
+    assert not any(p.is_inference() for p in model.parameters())
+    loss = model(torch.randn(2, 3, 16, 16)).sum()  # still trainable
+    loss.backward()
+    assert model.training and model[0].weight.grad is not None
