@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-install", action="store_true", help="do not run d3-plugin install first")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--table-only", action="store_true", help="rebuild table.md from results.json")
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="with --table-only: also take the runs of these other --out folders")
     args = p.parse_args(argv)
 
     out = args.out.resolve()
@@ -223,6 +225,8 @@ def main(argv=None) -> int:
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
     if args.table_only:
+        for other in args.merge:
+            results["runs"] += json.loads((other / "results.json").read_text())["runs"]
         table = make_table(results)
         (out / "table.md").write_text(table)
         print(table)
