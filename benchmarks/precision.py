@@ -76,13 +76,17 @@ def variant(name: str, device) -> Precision:
     return Precision(precision, device.type, layout == "cl")
 
 
-def timed(fn, device) -> float:
+def timed(fn, device, cpu_seconds=None) -> float:
+    """Wall seconds of fn(); the process's CPU seconds are appended to `cpu_seconds` when given (a run
+    paused by SIGSTOP on a shared machine shows up as wall time without CPU time)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if cpu_seconds is not None:
+        cpu_seconds.append(time.process_time() - cpu)
     return time.perf_counter() - start
 
 
@@ -153,6 +157,7 @@ def end_to_end(args, device):
     # as the adapter did); auto: the defaults (bf16 + channels_last here, evaluation at --e2e-eval-batch)
     runs = {"fp32": dict(precision="fp32", channels_last=False, eval_batch_size=32),
             "auto": dict(precision="auto", eval_batch_size=args.e2e_eval_batch)}
+    cpu = {name: [] for name in runs}
 
     def run(name):
         config = D3Config(epochs=args.epochs, batch_size=32, layers=default_layers("preactresnet18"), **runs[name])
@@ -161,9 +166,9 @@ def end_to_end(args, device):
         tests = [Loader(d, SPEC, config.eval_batch_size, device=device) for d in (clean, poisoned)]
         batches = Loader(reserved, SPEC, config.batch_size, train=True, device=device, seed=0)
         on_epoch = (lambda epoch, m: evaluate(m, *tests, precision=mode))
-        seconds = timed(lambda: detoxify(model, batches, config, on_epoch=on_epoch), device)
+        seconds = timed(lambda: detoxify(model, batches, config, on_epoch=on_epoch), device, cpu[name])
         print(f"  e2e {name} ({mode.name}{'+cl' if mode.channels_last else ''}, eval batch {eval_batch}): "
-              f"{seconds:.1f} s", flush=True)
+              f"{seconds:.1f} s wall, {cpu[name][-1]:.1f} s CPU", flush=True)
         return seconds
 
     times = interleaved(run, list(runs), args.e2e_rounds)
@@ -173,6 +178,9 @@ def end_to_end(args, device):
     print(f"  fp32 median {statistics.median(times['fp32']):.1f} s, auto median "
           f"{statistics.median(times['auto']):.1f} s, fp32/auto median ratio {statistics.median(ratios):.2f} "
           f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})")
+    cpu_ratios = [a / b for a, b in zip(cpu["fp32"], cpu["auto"])]
+    print(f"  CPU seconds: fp32/auto median ratio {statistics.median(cpu_ratios):.2f} "
+          f"(rounds {', '.join(f'{x:.2f}' for x in cpu_ratios)})")
 
 
 def main(argv=None):
