@@ -57,6 +57,7 @@ NO_DEFENSE = "no defense"
 CACHE = "compare_cache.json"
 EPOCH_FIELDS = ("epochs", "teacher_epochs", "rounds")
 BB_PREFIX = "bb:"
+COMPARE_PRECISION = "fp32"  # only D3 has a precision option so far; a table compares like with like
 
 
 @dataclass
@@ -161,6 +162,8 @@ def build_for(name: str, dataset: Optional[str], *, epochs: Optional[int] = None
                 shared["adv_epochs"] = epochs
         if seed is not None and "seed" in fields:
             shared["seed"] = seed
+        if "precision" in fields:  # the other defenses train in fp32: rows stay comparable (--set d3.precision=auto)
+            shared["precision"] = COMPARE_PRECISION
     return registry.build(name, dataset, **{**shared, **dict(overrides or {})})
 
 

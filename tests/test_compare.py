@@ -310,3 +310,9 @@ def test_aggregate_names_the_failed_seeds_once_per_message():
     assert (x["n"], x["runs"], x["acc"], x["acc_std"]) == (0, 3, None, None)
     assert x["error"] == "seeds 0, 1: ValueError: unknown; seed 2: RuntimeError: other"
     assert cmp.aggregate(rows[:1])[0]["error"] == "ValueError: unknown"
+
+
+def test_compare_runs_d3_in_the_precision_of_the_other_defenses_unless_told():
+    from d3_plugin.compare import build_for
+    assert build_for("d3", "cifar10").config.precision == "fp32"
+    assert build_for("d3", "cifar10", overrides={"precision": "auto"}).config.precision == "auto"
