@@ -117,9 +117,6 @@ class Precision:
                 model.to(memory_format=torch.contiguous_format)
 
 
-PLAIN = Precision()
-
-
 def resolve_precision(precision: Union[str, Precision, None], device: Union[str, torch.device] = "cpu", *,
                       model: Optional[nn.Module] = None, sam: bool = False,
                       channels_last: Optional[bool] = None) -> Precision:
