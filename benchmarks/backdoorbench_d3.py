@@ -21,7 +21,7 @@ log/index.txt). A variant is KIND plus extra arguments appended after the common
 value wins); a token `!name` drops the common option `--name`. Built in:
   ours            ours, + --ours-args
   reference       reference, + --reference-args
-  ours-default    ours without --select_layer_name (our own default θs), + --ours-args
+  ours-default    ours without --select_layer_name and --lmd (our default θs and λ), + --ours-args
   ours-fp32 / ours-bf16 / ours-auto   ours + --precision fp32|bf16|auto, + --ours-args
 and `--variant 'NAME=KIND:ARGS'` (repeatable) defines more, e.g. `--variant 'ours-e5=ours:--eval_every 5'`.
 
@@ -56,7 +56,7 @@ INITIAL = re.compile(r"Initial State:.*test acc: (?P<ACC>[0-9.]+), test asr: (?P
 BUILTIN = {
     "ours": ("ours", []),
     "reference": ("reference", []),
-    "ours-default": ("ours", ["!select_layer_name"]),
+    "ours-default": ("ours", ["!select_layer_name", "!lmd"]),
     "ours-fp32": ("ours", ["--precision", "fp32"]),
     "ours-bf16": ("ours", ["--precision", "bf16"]),
     "ours-auto": ("ours", ["--precision", "auto"]),

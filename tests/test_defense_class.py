@@ -62,7 +62,21 @@ def test_yaml_then_cli_merge_and_mapping_onto_d3config(tmp_path):
                                                                                        "random")
     assert list(cfg.layers) == ["linear", "layer4"]
     default = d3(parse(["--yaml_path", str(config)])).d3_config()
-    assert list(default.layers) == ["linear"]  # preactresnet18's default θs
+    assert list(default.layers) == ["layer3", "layer4", "linear"]  # preactresnet18's default θs
+
+
+def test_preset_paper_gives_the_papers_lambda_and_head_unless_a_value_is_set(tmp_path):
+    config = tmp_path / "d3.yaml"
+    config.write_text("model: preactresnet18\npreset: default\nlmd:\nselect_layer_name:\n")
+    default = d3(parse(["--yaml_path", str(config)])).d3_config()
+    assert (default.lam, list(default.layers)) == (1.0, ["layer3", "layer4", "linear"])
+    paper = d3(parse(["--yaml_path", str(config), "--preset", "paper"])).d3_config()
+    assert (paper.lam, list(paper.layers)) == (10.0, ["linear"])
+    chosen = d3(parse(["--yaml_path", str(config), "--preset", "paper", "--lmd", "5", "--select_layer_name",
+                       "layer4,linear"])).d3_config()
+    assert (chosen.lam, list(chosen.layers)) == (5.0, ["layer4", "linear"])
+    with pytest.raises(ValueError, match="preset 'fast' is unknown; use default or paper"):
+        d3(parse(["--yaml_path", str(config), "--preset", "fast"])).d3_config()
 
 
 def test_unsupported_settings_are_one_line_errors(tmp_path):
@@ -220,7 +234,7 @@ def test_installed_script_runs_in_a_checkout_and_writes_every_output(checkout):
     assert report["after"]["asr"] == pytest.approx(rows[-1]["test_asr"])
     assert 0.0 <= report["der"] <= 1.0 and set(report["before"]) == {"acc", "asr", "ra"}
     assert report["reserved"]["size"] == int(TRAIN_SIZE * 0.2) and report["model"] == "small_cnn"
-    assert (report["config"]["lam"], report["config"]["eps"], report["config"]["epochs"]) == (10.0, 0.1, 2)
+    assert (report["config"]["lam"], report["config"]["eps"], report["config"]["epochs"]) == (1.0, 0.1, 2)
     assert not list(save.rglob(".*.tmp"))
 
 

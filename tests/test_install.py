@@ -40,7 +40,8 @@ def test_install_writes_script_and_configs_then_uninstall_removes_exactly_them(t
     assert "d3.add_arguments(parser)" in script and "d3(args).defense(args.result_file)" in script
     for path in (checkout / "config/defense/d3").iterdir():
         settings = yaml.safe_load(path.read_text())
-        assert settings["device"] == "auto" and settings["lmd"] == 10.0 and settings["eps"] == 0.1
+        assert settings["device"] == "auto" and settings["lmd"] is None and settings["eps"] == 0.1
+        assert settings["preset"] == "default" and settings["select_layer_name"] is None
         assert settings["ratio"] == 0.05 and settings["warm_up_method"] == "random"
     assert run_command(checkout) == 0  # re-install over our own files is fine
     assert run_command(checkout, "--uninstall") == 0

@@ -57,12 +57,15 @@ def test_zoo_structure(name):
     with torch.device("meta"):
         model = build_model(name, 7)
     modules = dict(model.named_modules())
-    layers = default_layers(name)
-    assert layers, f"{name} has no default D3 layers"
-    for layer in layers:
-        assert layer in modules, f"{name}: default layer {layer} missing"
-        weights = [m.weight for m in modules[layer].modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-        assert weights and weights[-1].shape[0] == 7
+    for preset in ("default", "paper"):
+        layers = default_layers(name, preset)
+        assert layers, f"{name} has no {preset} D3 layers"
+        for layer in layers:
+            assert layer in modules, f"{name}: {preset} layer {layer} missing"
+            weights = [m.weight for m in modules[layer].modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+            assert weights
+        head = [m.weight for m in modules[layers[-1]].modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        assert head[-1].shape[0] == 7, f"{name}: the last {preset} layer is not the classifier head"
     if name.startswith("vit"):
         assert all(k.startswith("1.") for k in model.state_dict())
         assert isinstance(model[0], torch.nn.Module) and type(model[0]).__name__ == "Resize"
@@ -100,3 +103,11 @@ def test_small_cnn_default_layers_are_its_last_conv_block_and_head():
     chosen = select_weights(model, default_layers("small_cnn"))
     assert list(chosen) == ["features.4.0.weight", "fc.weight", "linear.weight"]
     assert chosen["features.4.0.weight"].dim() == 4  # the conv of the third block, not a pooling layer
+
+
+def test_preactresnet18_reaches_into_its_last_stages_by_default_and_the_paper_moves_only_the_head():
+    assert list(default_layers("preactresnet18")) == ["layer3", "layer4", "linear"]
+    assert list(default_layers("preactresnet18", "paper")) == ["linear"]
+    assert default_layers("small_cnn", "paper") is None  # every nn.Linear, the paper's "linear layers"
+    with pytest.raises(ValueError, match="unknown D3 preset 'fast'; use default or paper"):
+        default_layers("preactresnet18", "fast")

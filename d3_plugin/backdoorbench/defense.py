@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from .. import __version__
-from ..d3 import D3Config, detoxify
+from ..d3 import PRESETS, D3Config, detoxify
 from ..data import Loader
 from ..data.readers import dataset_spec
 from ..evaluation import defense_effectiveness_rate, evaluate
@@ -160,12 +160,14 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         add("--yaml_path", type=str, default=DEFAULT_YAML, help="the config file")
         add("--ratio", type=float, help="fraction of the clean training set reserved for the defense")
         add("--index", type=str, help="file of reserved-set indices (overrides --ratio)")
-        add("--lmd", "--lam", dest="lmd", type=float, help="λ, weight of the clean-loss hinge")
+        add("--preset", type=str, help="default | paper: the paper's λ 10 and θs (the classifier head) as "
+            "defaults; values set in the YAML or on the command line still win")
+        add("--lmd", "--lam", dest="lmd", type=float, help="λ, weight of the clean-loss hinge (default 1; paper 10)")
         add("--eps", type=float, help="ε, the clean-loss threshold of the hinge")
         add("--Lp", type=float, help="norm of the distance; only 2 (Frobenius) is supported")
         add("--warm_up_method", type=str, help="near | middle | far | noise | random")
         add("--select_layer_name", type=str, help="module(s) whose weights D3 moves, comma-separated "
-            "(default: the architecture's, e.g. linear)")
+            "(default: the architecture's, e.g. layer3,layer4,linear; paper: linear)")
         add("--hinge", type=str, help="sample (mean of per-sample hinges) | batch (hinge of the mean)")
         add("--normalize", type=_flag, help="divide the loss by λ+1 when λ > 1")
         add("--train_mode", type=_flag, help="update BN statistics while training (True) or freeze them")
@@ -260,8 +262,11 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         types = {"lam": float, "eps": float, "lr": float, "momentum": float, "weight_decay": float,
                  "epochs": int, "batch_size": int, "seed": int, "normalize": _as_bool, "bn_train": _as_bool,
                  "eval_every": _positive("eval_every"), "eval_batch_size": _positive("eval_batch_size")}
-        values = {k: types.get(k, str)(v) for k, v in values.items() if v is not None}
-        values["layers"] = layers or default_layers(args.model)
+        preset = str(get("preset") or "default")
+        if preset not in PRESETS:
+            raise ValueError(f"preset {preset!r} is unknown; use {' or '.join(PRESETS)}")
+        values = {**PRESETS[preset], **{k: types.get(k, str)(v) for k, v in values.items() if v is not None}}
+        values["layers"] = layers or default_layers(args.model, preset)
         config = D3Config(**values)
         frequency = int(get("frequency_save") or 0)
         if frequency and frequency % config.eval_every:

@@ -1,4 +1,4 @@
-"""Model constructors by name, and each architecture's default D3 layers (θs)."""
+"""Model constructors by name, and each architecture's D3 layers (θs): this package's default and the paper's."""
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
@@ -9,14 +9,17 @@ from .small import SmallCNN
 
 Constructor = Callable[..., nn.Module]
 _MODELS: Dict[str, Constructor] = {}
-_DEFAULT_LAYERS: Dict[str, Optional[Sequence[str]]] = {}
+_LAYERS: Dict[str, Dict[str, Optional[Sequence[str]]]] = {}
+_SAME = object()
 
 
-def register_model(name: str, default_layers: Optional[Sequence[str]] = None):
-    """Decorator: register `constructor(num_classes, in_channels, image_size)` under `name`."""
+def register_model(name: str, default_layers: Optional[Sequence[str]] = None, paper_layers=_SAME):
+    """Decorator: register `constructor(num_classes, in_channels, image_size)` under `name`, with the
+    modules D3 moves by default and, when they differ, the paper's (its classifier head)."""
     def decorate(constructor: Constructor) -> Constructor:
         _MODELS[name] = constructor
-        _DEFAULT_LAYERS[name] = default_layers
+        _LAYERS[name] = {"default": default_layers,
+                         "paper": default_layers if paper_layers is _SAME else paper_layers}
         return constructor
     return decorate
 
@@ -32,14 +35,17 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     return _MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
 
 
-def default_layers(name: str) -> Optional[Sequence[str]]:
-    """The modules whose weights D3 moves by default for this architecture (None: every nn.Linear)."""
-    return _DEFAULT_LAYERS.get(name)
+def default_layers(name: str, preset: str = "default") -> Optional[Sequence[str]]:
+    """The modules whose weights D3 moves for this architecture under a preset (`d3.PRESETS`): "default"
+    or "paper". None: every nn.Linear (also for an unregistered name)."""
+    if preset not in ("default", "paper"):
+        raise ValueError(f"unknown D3 preset {preset!r}; use default or paper")
+    return _LAYERS.get(name, {}).get(preset)
 
 
 # θs for the 3-block CNN: its last conv block and the two-layer head. With only the head (every
 # nn.Linear) the demo backdoor kept 7 % ASR; adding the last conv block took it to 2.8 % (README).
-@register_model("small_cnn", default_layers=["features.4", "fc", "linear"])
+@register_model("small_cnn", default_layers=["features.4", "fc", "linear"], paper_layers=None)
 def small_cnn(num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
     return SmallCNN(num_classes, in_channels)
 
