@@ -27,7 +27,8 @@ from d3_plugin.backdoorbench.reserved import reserved_indices
 from d3_plugin.d3 import D3Config, detoxify, select_weights
 from d3_plugin.data import Loader
 from d3_plugin.evaluation import evaluate
-from d3_plugin.probe import ProbeConfig, class_scores
+from d3_plugin.defenses.adversarial import InputBox
+from d3_plugin.probe import ProbeConfig, class_scores, universal_perturbation
 from d3_plugin.training import seed_everything
 
 
@@ -43,16 +44,23 @@ def parse_args(argv=None):
     parser.add_argument("--warm", default="random", help="warm start: random | near | middle | far | noise")
     parser.add_argument("--every", type=int, default=4, help="evaluate on the dev half every N epochs")
     parser.add_argument("--probe_eps", type=float, default=0.1, help="probe's L∞ budget in pixel units")
+    parser.add_argument("--suspected", help="classes to probe after each run, e.g. 0,9 (default: the two the "
+                        "probe finds easiest on the input model, which costs a full-class probe)")
+    parser.add_argument("--half", choices=("dev", "test"), default="dev",
+                        help="dev: even test indices (used to choose settings); test: odd ones (to report them)")
+    parser.add_argument("--transfer", action="store_true", help="also track the transfer probe (costs ~3 min)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="")
     return parser.parse_args(argv)
 
 
-def dev_half(record):
-    """The even-indexed halves of the clean and poisoned test sets, as evaluation loaders."""
+def test_half(record, half="dev"):
+    """The even-indexed (dev) or odd-indexed (test) halves of the clean and poisoned test sets, as loaders."""
+    start = 0 if half == "dev" else 1
     backdoor = poisoned_only(record.bd_test)
-    clean = record.clean_test.subset(torch.arange(0, len(record.clean_test), 2))
-    return (Loader(clean, record.spec, 512), Loader(backdoor.subset(torch.arange(0, len(backdoor), 2)), record.spec, 512))
+    clean = record.clean_test.subset(torch.arange(start, len(record.clean_test), 2))
+    return (Loader(clean, record.spec, 512),
+            Loader(backdoor.subset(torch.arange(start, len(backdoor), 2)), record.spec, 512))
 
 
 def feature_cosine(before, after, inputs) -> float:
@@ -67,13 +75,36 @@ def feature_cosine(before, after, inputs) -> float:
     return F.cosine_similarity(features["before"].flatten(1), features["after"].flatten(1), dim=1).mean().item()
 
 
+def transfer_perturbations(model, held, spec, classes, budgets):
+    """δ_c fitted on the INPUT model for each suspected class c and L∞ budget: a stand-in for its trigger."""
+    inputs, labels = next(iter(held))
+    box = InputBox.from_spec(spec)
+    deltas = {}
+    with torch.no_grad():
+        model.eval()
+    for eps in budgets:
+        config = ProbeConfig(eps=eps, steps=20, step_size=eps / 5)
+        for c in classes:
+            deltas[(c, eps)] = universal_perturbation(model.eval(), inputs[labels != c], c, box, config)
+    return inputs, labels, box, deltas
+
+
+def transfer_scores(model, transfer):
+    """Fraction of held images (y ≠ c) that δ_c, fitted on the input model, still sends to c."""
+    inputs, labels, box, deltas = transfer
+    model.eval()
+    with torch.no_grad():
+        return {f"{c}@{eps}": round((model(box.clamp(inputs[labels != c] + d)).argmax(1) == c).float().mean().item(), 3)
+                for (c, eps), d in deltas.items()}
+
+
 def weight_cosines(before, after, layers):
     initial, final = select_weights(before, layers), select_weights(after, layers)
     return {name: round(F.cosine_similarity(initial[name].flatten(), final[name].flatten(), dim=0).item(), 3)
             for name in initial}
 
 
-def one_run(args, record, model, tests, seed, suspected, probe):
+def one_run(args, record, model, tests, seed, suspected, probe, transfer):
     draw = seed if args.draw is None else args.draw
     seed_everything(seed)
     reserved = record.clean_train.subset(reserved_indices(len(record.clean_train), 0.05, None, draw))
@@ -81,14 +112,17 @@ def one_run(args, record, model, tests, seed, suspected, probe):
     config = D3Config(lam=args.lam, epochs=args.epochs, lr=args.lr, batch_size=32, seed=seed, warm_start=args.warm,
                       layers=layers, eval_every=args.every)
     started = time.time()
-    track = lambda _, m: {k: v for k, v in evaluate(m, *tests, precision="auto").items() if k in ("acc", "asr")}  # noqa: E731
+    def track(_, m):
+        row = {k: v for k, v in evaluate(m, *tests, precision="auto").items() if k in ("acc", "asr")}
+        return {**row, "transfer": transfer_scores(m, transfer)} if transfer else row
     purified, history = detoxify(model, Loader(reserved, record.spec, 32, train=True, seed=seed), config, on_epoch=track)
     held = Loader(reserved.subset(torch.arange(64)), record.spec, 64)
-    return {"tag": args.tag, "record": str(record.folder), "seed": seed, "draw": draw, "layers": args.layers,
+    return {"tag": args.tag, "half": args.half, "record": str(record.folder), "seed": seed, "draw": draw, "layers": args.layers,
             "lr": args.lr, "lam": args.lam, "warm": args.warm, "epochs": args.epochs,
             "seconds": round(time.time() - started, 1), "acc": round(history[-1]["acc"], 4),
             "asr": round(history[-1]["asr"], 4),
-            "curve": [(row["epoch"], round(row["acc"], 3), round(row["asr"], 3)) for row in history if "acc" in row],
+            "curve": [(row["epoch"], round(row["acc"], 3), round(row["asr"], 3), row.get("transfer"))
+                      for row in history if "acc" in row],
             "weight_cos": weight_cosines(model, purified, layers),
             "feature_cos": round(feature_cosine(model, purified, next(iter(held))[0]), 3),
             "probe": {c: round(v, 3) for c, v in class_scores(purified, held, record.spec, probe, suspected).items()}}
@@ -98,16 +132,25 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     record = load_attack_result(args.record)
-    model, tests = model_from_record(record), dev_half(record)
+    model, tests = model_from_record(record), test_half(record, args.half)
     probe = ProbeConfig(eps=args.probe_eps, steps=10, step_size=args.probe_eps / 5)
     held = Loader(record.clean_train.subset(reserved_indices(len(record.clean_train), 0.05, None, 0)[:64]),
                   record.spec, 64)
-    scores = class_scores(model, held, record.spec, probe)
-    suspected = sorted(scores, key=scores.get)[-2:]
+    if args.suspected:
+        scores, suspected = {}, [int(c) for c in args.suspected.split(",")]
+    else:
+        scores = class_scores(model, held, record.spec, probe)
+        suspected = sorted(scores, key=scores.get)[-2:]
     print(json.dumps({"record": str(record.folder), "before": evaluate(model, *tests, precision="auto"),
                       "probe_all": {c: round(v, 3) for c, v in scores.items()}, "suspected": suspected}), flush=True)
+    transfer = None
+    if args.transfer:
+        spare = Loader(record.clean_train.subset(reserved_indices(len(record.clean_train), 0.05, None, 1000)[:128]),
+                       record.spec, 128)  # another draw: mostly images no run trains on
+        transfer = transfer_perturbations(model, spare, record.spec, suspected, (0.05, 0.1))
+        print(json.dumps({"transfer_before": transfer_scores(model, transfer)}), flush=True)
     for seed in map(int, args.seeds.split(",")):
-        print(json.dumps(one_run(args, record, model, tests, seed, suspected, probe)), flush=True)
+        print(json.dumps(one_run(args, record, model, tests, seed, suspected, probe, transfer)), flush=True)
 
 
 if __name__ == "__main__":
