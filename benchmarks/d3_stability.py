@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from d3_plugin.backdoorbench.defense import poisoned_only
 from d3_plugin.backdoorbench.records import load_attack_result, model_from_record
 from d3_plugin.backdoorbench.reserved import reserved_indices
+import d3_plugin.d3 as d3_module
 from d3_plugin.d3 import D3Config, detoxify, select_weights
 from d3_plugin.data import Loader
 from d3_plugin.evaluation import evaluate
@@ -49,6 +50,10 @@ def parse_args(argv=None):
     parser.add_argument("--half", choices=("dev", "test"), default="dev",
                         help="dev: even test indices (used to choose settings); test: odd ones (to report them)")
     parser.add_argument("--transfer", action="store_true", help="also track the transfer probe (costs ~3 min)")
+    parser.add_argument("--distance", choices=("signed", "unsigned"), default="signed",
+                        help="unsigned: Σ min(‖W − W_init‖, ‖W + W_init‖), whose farthest points are orthogonal to "
+                             "W_init instead of −W_init (an experiment; d3.distance is swapped for the run)")
+    parser.add_argument("--precision", default="auto", help="D3's training precision: auto | bf16 | fp16 | fp32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="")
     return parser.parse_args(argv)
@@ -110,15 +115,15 @@ def one_run(args, record, model, tests, seed, suspected, probe, transfer):
     reserved = record.clean_train.subset(reserved_indices(len(record.clean_train), 0.05, None, draw))
     layers = args.layers.split(",")
     config = D3Config(lam=args.lam, epochs=args.epochs, lr=args.lr, batch_size=32, seed=seed, warm_start=args.warm,
-                      layers=layers, eval_every=args.every)
+                      layers=layers, eval_every=args.every, precision=args.precision)
     started = time.time()
     def track(_, m):
-        row = {k: v for k, v in evaluate(m, *tests, precision="auto").items() if k in ("acc", "asr")}
+        row = {k: v for k, v in evaluate(m, *tests, precision=args.precision).items() if k in ("acc", "asr")}
         return {**row, "transfer": transfer_scores(m, transfer)} if transfer else row
     purified, history = detoxify(model, Loader(reserved, record.spec, 32, train=True, seed=seed), config, on_epoch=track)
     held = Loader(reserved.subset(torch.arange(64)), record.spec, 64)
     return {"tag": args.tag, "half": args.half, "record": str(record.folder), "seed": seed, "draw": draw, "layers": args.layers,
-            "lr": args.lr, "lam": args.lam, "warm": args.warm, "epochs": args.epochs,
+            "lr": args.lr, "lam": args.lam, "warm": args.warm, "precision": args.precision, "distance": args.distance, "epochs": args.epochs,
             "seconds": round(time.time() - started, 1), "acc": round(history[-1]["acc"], 4),
             "asr": round(history[-1]["asr"], 4),
             "curve": [(row["epoch"], round(row["acc"], 3), round(row["asr"], 3), row.get("transfer"))
@@ -128,8 +133,16 @@ def one_run(args, record, model, tests, seed, suspected, probe, transfer):
             "probe": {c: round(v, 3) for c, v in class_scores(purified, held, record.spec, probe, suspected).items()}}
 
 
+def unsigned_distance(weights, initial):
+    """Σ min(‖W − W_init‖_F, ‖W + W_init‖_F): far from W_init and from its mirror −W_init."""
+    return sum(torch.minimum(torch.linalg.vector_norm(w - initial[n]), torch.linalg.vector_norm(w + initial[n]))
+               for n, w in weights.items())
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.distance == "unsigned":
+        d3_module.distance = unsigned_distance
     torch.set_num_threads(args.threads)
     record = load_attack_result(args.record)
     model, tests = model_from_record(record), test_half(record, args.half)
