@@ -31,6 +31,7 @@ distance and projection are computed in fp32), channels_last=None (precision's r
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, asdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -71,8 +72,17 @@ class D3Config:
             raise ValueError(f"hinge must be one of {HINGES}, got {self.hinge!r}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
-        if self.lam < 0 or self.eps < 0 or self.epochs < 0:
-            raise ValueError("lam, eps and epochs must be non-negative")
+        for option in ("lam", "eps", "lr", "momentum", "weight_decay"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{option} must be a finite number ≥ 0, got {value!r} (default "
+                                 f"{getattr(D3Config, option)})")
+        if self.lr == 0 or self.momentum >= 1:
+            raise ValueError(f"lr must be > 0 and momentum < 1, got lr {self.lr!r}, momentum {self.momentum!r}")
+        for option, least in (("epochs", 0), ("batch_size", 1)):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{option} must be an integer ≥ {least}, got {value!r}")
         check_precision(self.precision)
         for option in ("eval_every", "eval_batch_size"):
             value = getattr(self, option)

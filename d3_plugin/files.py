@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -73,8 +74,21 @@ def _jsonable(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def _finite_or_none(value):
+    """`value` with every non-finite float replaced by None, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def write_json(path: str | os.PathLike, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+    """Strict JSON (non-finite numbers are written as null), atomically."""
+    text = json.dumps(_finite_or_none(data), indent=2, default=_jsonable, allow_nan=False)
+    return write_text(path, text + "\n")
 
 
 def torch_save(obj, path: str | os.PathLike) -> Path:

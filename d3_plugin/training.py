@@ -12,6 +12,7 @@ fp32. fp16 adds a GradScaler: the closure runs once, then `scaler.step(optimizer
 from __future__ import annotations
 
 import copy
+import math
 import random
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -101,6 +102,21 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.opti
     return {key: float(value) / max(count, 1) for key, value in totals.items()}
 
 
+class Diverged(ValueError):
+    """Training produced a non-finite loss or non-finite weights."""
+
+
+def check_finite(model: torch.nn.Module, stats: Stats, epoch: int) -> None:
+    """Raise Diverged, in one line, when an epoch's stats or the model's floating-point tensors are not finite."""
+    bad = sorted(key for key, value in stats.items() if not math.isfinite(value))
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not bad and (not tensors or bool(torch.stack([t.isfinite().all() for t in tensors]).all())):
+        return
+    what = f"the {', '.join(bad)} became non-finite" if bad else "the weights became non-finite"
+    raise Diverged(f"training diverged in epoch {epoch}: {what}; lower the learning rate (--lr) or check the "
+                   f"record's model and data")
+
+
 def fit(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, objective: Objective,
         epochs: int, *, scheduler=None, after_step=None, bn_train: bool = True,
         on_epoch: Optional[Callable[[int, torch.nn.Module], Stats]] = None, on_epoch_every: int = 1,
@@ -109,7 +125,8 @@ def fit(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimi
 
     `on_epoch` runs after every `on_epoch_every`-th epoch and after the last (`due`). `precision`: see
     the module docstring; a conv model is in channels_last while it trains (when chosen) and comes back
-    in its own format. `progress` names a tqdm bar over epochs (None: no bar).
+    in its own format. `progress` names a tqdm bar over epochs (None: no bar). A non-finite loss or weight
+    after an epoch stops the run with `Diverged`.
     """
     if int(on_epoch_every) < 1:
         raise ValueError(f"on_epoch_every must be a positive integer, got {on_epoch_every!r}")
@@ -122,6 +139,7 @@ def fit(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimi
             row: Stats = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             row.update(train_epoch(model, batches, optimizer, objective, after_step=after_step, bn_train=bn_train,
                                    precision=mode, scaler=scaler))
+            check_finite(model, row, epoch + 1)
             if scheduler is not None:
                 scheduler.step()
             if on_epoch is not None and due(epoch + 1, epochs, on_epoch_every):

@@ -204,6 +204,17 @@ def test_config_rejects_unknown_options():
         D3Config(lam=-1)
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("lr", float("nan"), "lr must be a finite number"), ("lam", float("inf"), "lam must be a finite number"),
+    ("eps", float("nan"), "eps must be a finite number"), ("weight_decay", -1.0, "weight_decay must be"),
+    ("lr", 0.0, "lr must be > 0"), ("momentum", 1.0, "momentum < 1"), ("batch_size", 0, "batch_size must be an integer ≥ 1"),
+    ("epochs", -1, "epochs must be an integer ≥ 0"), ("epochs", 2.5, "epochs must be an integer")])
+def test_config_rejects_non_finite_and_out_of_range_settings_in_one_line(option, value, message):
+    with pytest.raises(ValueError, match=message) as error:
+        D3Config(**{option: value})
+    assert "\n" not in str(error.value)
+
+
 # ---------------------------------------------------------------- determinism
 
 def test_same_seed_same_history_different_seed_different():

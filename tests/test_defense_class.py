@@ -300,6 +300,22 @@ def test_bad_input_is_one_line_and_writes_no_result(checkout, tmp_path, monkeypa
     assert not [p for p in record.rglob("*") if p.name in results]
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--lr", "nan"], "lr must be a finite number"), (["--lmd", "inf"], "lam must be a finite number"),
+    (["--eps", "nan"], "eps must be a finite number"), (["--batch_size", "0"], "batch_size must be an integer ≥ 1"),
+    (["--frequency_save", "-1"], "frequency_save must be ≥ 0"), (["--ratio", "1.5"], "ratio must be a fraction")])
+def test_bad_settings_fail_in_one_line_before_any_data_is_read(tmp_path, monkeypatch, capsys, argv, expected):
+    """The record named does not even exist: the settings are refused first."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "d3.yaml"
+    config.write_text("model: small_cnn\nepochs: 1\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--yaml_path", str(config), "--result_file", "no_such_record", *argv])
+    message = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and "\n" not in message and expected in message
+    assert not (tmp_path / "record").exists()
+
+
 # --- precision, --amp, --eval_every, --eval_batch_size --------------------------------------------------
 
 @pytest.mark.parametrize("yaml_text, argv, expected", [

@@ -265,3 +265,13 @@ def test_class_count_comes_from_the_head_even_with_several_default_layers(name, 
     with torch.device("meta"):
         state = build_model(name, classes, 3, 32).state_dict()
     assert _infer_num_classes(name, state) == classes
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_in_one_line():
+    torch.manual_seed(0)
+    state = build_model("small_cnn", 10, 1, 28).state_dict()
+    state["linear.weight"] = torch.full_like(state["linear.weight"], float("nan"))
+    with pytest.raises(ValueError, match=r"non-finite values in 1 tensor\(s\) \(first: linear.weight\); the training "
+                                         r"that made it diverged") as error:
+        model_from_record(("small_cnn", 10, state))
+    assert "\n" not in str(error.value)

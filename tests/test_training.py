@@ -77,6 +77,31 @@ def test_train_epoch_averages_stats_over_batches_and_sets_bn_mode():
     assert model.training
 
 
+def test_fit_stops_with_one_line_when_the_loss_or_the_weights_become_non_finite():
+    from d3_plugin.training import Diverged
+    model, batches = linear_model(), separable_batches()
+    with pytest.raises(Diverged, match="training diverged in epoch 1: the loss became non-finite; lower the learning"):
+        fit(model, batches, sgd(model.parameters(), 1e38), cross_entropy(), 3)
+    model = linear_model()
+
+    def poison_weights(m):
+        with torch.no_grad():
+            m.bias.fill_(float("nan"))
+    with pytest.raises(Diverged, match="epoch 1: the loss became non-finite|epoch 1: the weights became non-finite"):
+        fit(model, batches, sgd(model.parameters(), 0.1), cross_entropy(), 3, after_step=poison_weights)
+
+
+def test_fit_notices_weights_that_go_non_finite_after_the_last_step():
+    from d3_plugin.training import Diverged
+    model, batches = linear_model(), separable_batches(n=16)  # one batch: the loss is taken before the step
+
+    def poison_weights(m):
+        with torch.no_grad():
+            m.bias.fill_(float("nan"))
+    with pytest.raises(Diverged, match="epoch 1: the weights became non-finite"):
+        fit(model, batches, sgd(model.parameters(), 0.1), cross_entropy(), 2, after_step=poison_weights)
+
+
 def test_seed_everything_repeats_draws():
     seed_everything(7)
     a = torch.rand(3)

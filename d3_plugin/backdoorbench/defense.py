@@ -181,6 +181,7 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         self.args = args
         self.result = None
         self._describe_dataset(args.dataset if getattr(args, "dataset", None) else None)
+        self.d3_config()  # bad settings fail here, in one line, before any data is read
         if getattr(args, "result_file", None):
             self.set_result(args.result_file)
 
@@ -266,9 +267,14 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         if preset not in PRESETS:
             raise ValueError(f"preset {preset!r} is unknown; use {' or '.join(PRESETS)}")
         values = {**PRESETS[preset], **{k: types.get(k, str)(v) for k, v in values.items() if v is not None}}
-        values["layers"] = layers or default_layers(args.model, preset)
+        values["layers"] = layers or default_layers(getattr(args, "model", None), preset)
         config = D3Config(**values)
         frequency = int(get("frequency_save") or 0)
+        if frequency < 0:
+            raise ValueError(f"frequency_save must be ≥ 0 (0 is never), got {frequency}")
+        ratio = get("ratio")
+        if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < float(ratio) <= 1):
+            raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}; e.g. --ratio 0.05")
         if frequency and frequency % config.eval_every:
             raise ValueError(f"frequency_save {frequency} is not a multiple of eval_every {config.eval_every} "
                              f"(checkpoints are written at evaluated epochs); make it one")

@@ -237,6 +237,10 @@ def model_from_record(record_or_triplet, model_name: Optional[str] = None) -> nn
         raise ValueError(f"cannot tell the number of classes of this {name} checkpoint; pass it explicitly")
     model = build_model(name, int(classes), in_channels=channels, image_size=size)
     model.load_state_dict(align_state_dict(model, state, name, int(classes)), strict=True)
+    broken = [key for key, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:
+        raise ValueError(f"the {name} checkpoint has non-finite values in {len(broken)} tensor(s) (first: "
+                         f"{broken[0]}); the training that made it diverged: retrain it or pick another checkpoint")
     return model
 
 
