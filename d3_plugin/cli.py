@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return commands[args.command].run(args) or 0
-    except (UserError, FileNotFoundError, ValueError, PermissionError) as error:
+    except (UserError, ValueError, OSError) as error:  # OSError: missing, foreign or edited files, disk full, …
         print(f"d3-plugin {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
 """`d3-plugin install`: writes the script and configs, refuses foreign files, uninstalls exactly its own."""
 import argparse
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,12 @@ def run_command(*argv) -> int:
     parser = argparse.ArgumentParser()
     install_command.add_arguments(parser)
     return install_command.run(parser.parse_args([str(a) for a in argv]))
+
+
+def cli(*argv) -> int:
+    """`d3-plugin install ...` through the real entry point (errors become one line and status 2)."""
+    from d3_plugin.cli import main
+    return main(["install", *map(str, argv)])
 
 
 def tree(folder: Path) -> set:
@@ -78,3 +85,39 @@ def test_not_a_checkout_and_not_installed_are_one_line_errors(tmp_path):
         install.install(tmp_path)
     with pytest.raises(FileNotFoundError, match="not installed"):
         install.uninstall(fake_checkout(tmp_path))
+
+
+def test_an_edited_file_of_ours_is_neither_overwritten_nor_removed_without_force(tmp_path, capsys):
+    checkout = fake_checkout(tmp_path)
+    assert cli(checkout) == 0
+    script = checkout / "defense/d3.py"
+    script.write_text(script.read_text() + "# my edit\n")  # header kept
+    edited = script.read_text()
+    before = tree(checkout)
+    assert cli(checkout) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "defense/d3.py" in message and "--force" in message
+    assert script.read_text() == edited and tree(checkout) == before
+    assert cli(checkout, "--uninstall") == 2
+    assert script.read_text() == edited and tree(checkout) == before
+    assert cli(checkout, "--force") == 0
+    assert "# my edit" not in script.read_text()
+    assert cli(checkout, "--uninstall") == 0 and not script.exists()
+
+
+def test_a_corrupt_manifest_stops_install_before_anything_is_written(tmp_path, capsys):
+    checkout = fake_checkout(tmp_path)
+    (checkout / install.MANIFEST).write_text("{not json")
+    before = tree(checkout)
+    assert cli(checkout) == 2
+    assert "is corrupt" in capsys.readouterr().err
+    assert tree(checkout) == before
+
+
+def test_a_manifest_without_hashes_still_uninstalls_files_left_as_this_version_writes_them(tmp_path):
+    checkout = fake_checkout(tmp_path)
+    install.install(checkout)
+    manifest = checkout / install.MANIFEST
+    old = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({"d3_plugin_version": "0.1", "files": sorted(old["files"])}))
+    assert len(install.uninstall(checkout)) == 7

@@ -1,15 +1,19 @@
 """Install D3 into a BackdoorBench checkout: a thin `defense/d3.py` and `config/defense/d3/*.yaml`.
 
-Every file we write starts with `HEADER`, and `MANIFEST` (at the checkout root) lists them. Installing
-never overwrites a file that lacks the header (someone else's); uninstalling removes exactly the files
-in the manifest that still carry it, then the manifest and the folders we created if left empty.
+Every file we write starts with `HEADER`, and `MANIFEST` (at the checkout root) records each one with
+the sha256 of what we wrote. Installing never overwrites a file that lacks the header (someone else's)
+nor one of ours that was edited since (its hash differs), unless `force`; uninstalling removes the files
+of the manifest that are still exactly as we wrote them, leaves those that lost the header (the user's
+now) and refuses, removing nothing, while one of ours was edited (unless `force`). The manifest is read
+and checked before anything is written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .. import __version__
 from ..shipped import shipped_folder
@@ -53,6 +57,14 @@ class ForeignFile(FileExistsError):
     """A file we would write exists and was not written by d3-plugin."""
 
 
+class EditedFile(FileExistsError):
+    """A file d3-plugin wrote was edited since; it is not overwritten or removed without force."""
+
+
+def digest(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode("utf-8") if isinstance(text, str) else text).hexdigest()
+
+
 def planned_files() -> Dict[Path, str]:
     """Relative path → content of every file the install writes."""
     files = {SCRIPT: f"{HEADER}\n{SCRIPT_BODY}"}
@@ -78,34 +90,57 @@ def check_checkout(checkout: Path) -> Path:
     return checkout
 
 
-def install(checkout: str | os.PathLike) -> List[Path]:
-    """Write the script and configs; refuse (writing nothing) if any target is someone else's file."""
+def install(checkout: str | os.PathLike, force: bool = False) -> List[Path]:
+    """Write the script and configs; refuse (writing nothing) if a target is someone else's file or one of
+    ours that was edited since (unless `force`)."""
     checkout = check_checkout(Path(checkout))
+    recorded = _read_manifest(checkout)
     files = planned_files()
     foreign = [str(rel) for rel in files if (checkout / rel).exists() and not is_ours(checkout / rel)]
     if foreign:
         raise ForeignFile(f"{', '.join(foreign)} in {checkout} was not written by d3-plugin; refusing to "
                           f"overwrite it (move it away first)")
+    edited = [rel for rel in map(str, files) if _edited(checkout, rel, recorded, files)]
+    if edited and not force:
+        raise EditedFile(f"{', '.join(edited)} in {checkout} was edited since d3-plugin wrote it; nothing was "
+                         f"written: move your version away, or pass --force to overwrite it")
     for rel in {rel.parent for rel in files}:
         outputs.ensure_writable(checkout / rel)
-    written = []
     for rel, text in files.items():
         outputs.write_text(checkout / rel, text)
-        written.append(rel)
-    previous = _read_manifest(checkout)
-    outputs.write_json(checkout / MANIFEST, {"d3_plugin_version": __version__,
-                                              "files": sorted({*map(str, written), *previous})})
-    return [checkout / rel for rel in written]
+    hashes = {**recorded, **{str(rel): digest(text) for rel, text in files.items()}}
+    outputs.write_json(checkout / MANIFEST, {"d3_plugin_version": __version__, "files": dict(sorted(hashes.items()))})
+    return [checkout / rel for rel in files]
 
 
-def uninstall(checkout: str | os.PathLike) -> List[Path]:
-    """Remove the files the manifest lists that still carry our header; returns what was removed."""
+def _edited(checkout: Path, rel: str, recorded: Dict[str, Optional[str]], planned: Dict[Path, str]) -> bool:
+    """Whether our file `rel` exists with content other than what we wrote (the manifest's hash) — or, when
+    no hash was recorded (an older manifest), other than what this version writes or would write."""
+    path = checkout / rel
+    if not path.is_file() or not is_ours(path):
+        return False
+    current = digest(path.read_bytes())
+    known = recorded.get(rel)
+    if known is not None:
+        return current != known
+    return Path(rel) not in planned or current != digest(planned[Path(rel)])
+
+
+def uninstall(checkout: str | os.PathLike, force: bool = False) -> List[Path]:
+    """Remove the manifest's files that are still as we wrote them; returns what was removed. Files that lost
+    the header are left (they are the user's); one of ours that was edited stops it (unless `force`)."""
     checkout = Path(checkout)
     manifest = checkout / MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {checkout}: d3-plugin is not installed there")
+    recorded = _read_manifest(checkout)
+    planned = planned_files()
+    edited = [rel for rel in recorded if _edited(checkout, rel, recorded, planned)]
+    if edited and not force:
+        raise EditedFile(f"{', '.join(edited)} in {checkout} was edited since d3-plugin wrote it; nothing was "
+                         f"removed: move your version away, or pass --force to remove it")
     removed = []
-    for rel in _read_manifest(checkout):
+    for rel in recorded:
         path = checkout / rel
         if path.is_file() and is_ours(path):
             path.unlink()
@@ -117,14 +152,22 @@ def uninstall(checkout: str | os.PathLike) -> List[Path]:
     return removed
 
 
-def _read_manifest(checkout: Path) -> List[str]:
+def _read_manifest(checkout: Path) -> Dict[str, Optional[str]]:
+    """The manifest's files → the sha256 we wrote (None in manifests older than the hashes); {} if none."""
     manifest = checkout / MANIFEST
     if not manifest.is_file():
-        return []
+        return {}
+    corrupt = ValueError(f"{manifest} is corrupt; delete it, then check defense/d3.py and config/defense/d3/ "
+                         f"by hand (files starting with d3-plugin's header line are ours)")
     try:
         files = json.loads(manifest.read_text()).get("files", [])
-    except (ValueError, AttributeError):
-        raise ValueError(f"{manifest} is corrupt; delete it and remove d3-plugin's files by hand") from None
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise corrupt from None
+    if isinstance(files, list):  # before hashes were kept
+        files = {name: None for name in files}
+    if not isinstance(files, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, str))
+                                              for k, v in files.items()):
+        raise corrupt
     if any(Path(f).is_absolute() or ".." in Path(f).parts for f in files):
         raise ValueError(f"{manifest} lists paths outside the checkout; delete it")
-    return [str(f) for f in files]
+    return dict(files)
