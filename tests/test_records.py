@@ -275,3 +275,14 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_in_one_line():
                                          r"that made it diverged") as error:
         model_from_record(("small_cnn", 10, state))
     assert "\n" not in str(error.value)
+
+
+def test_a_data_root_the_user_names_is_used_or_refused_never_replaced_by_the_system_copy(made, tmp_path):
+    """Without data_root the checkout has no Fashion-MNIST and the Debian copy is used; a named one must hold it."""
+    assert len(load_attack_result(made["folder"], load_bd_train=False).clean_test) == 10000
+    with pytest.raises(DatasetNotFound, match=r"nonexistent .*does not exist") as info:
+        load_attack_result(made["folder"], data_root=tmp_path / "nonexistent", load_bd_train=False)
+    assert "\n" not in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFound, match=r"FashionMNIST train idx files not found in .*empty"):
+        load_attack_result(made["folder"], data_root=tmp_path / "empty", load_bd_train=False)

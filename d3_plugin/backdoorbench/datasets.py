@@ -41,11 +41,14 @@ def dataset_folder(checkout_root: Path, data_path: str) -> Path:
     return Path(data_path) if os.path.isabs(data_path) else checkout_root / data_path
 
 
-def load_clean_split(name: str, train: bool, folder: Path, size: Optional[int] = None) -> ImageSet:
-    """One clean split of dataset `name` (our spec name) from `folder`, in BackdoorBench's sample order."""
+def load_clean_split(name: str, train: bool, folder: Path, size: Optional[int] = None, *,
+                     system_copy: bool = True) -> ImageSet:
+    """One clean split of dataset `name` (our spec name) from `folder`, in BackdoorBench's sample order.
+    `system_copy`: Fashion-MNIST may come from the Debian package when `folder` lacks it (never when the
+    user named the folder)."""
     try:
         if name in ("mnist", "fashion_mnist"):
-            return _mnist_like(name, train, folder)
+            return _mnist_like(name, train, folder, system_copy)
         if not folder.is_dir():
             raise DatasetNotFound(f"dataset folder {folder} for {name} does not exist")
         if name in ("cifar10", "cifar100"):
@@ -58,12 +61,14 @@ def load_clean_split(name: str, train: bool, folder: Path, size: Optional[int] =
                               f"--data-root)") from None
 
 
-def _mnist_like(name: str, train: bool, folder: Path) -> ImageSet:
+def _mnist_like(name: str, train: bool, folder: Path, system_copy: bool) -> ImageSet:
     fashion = name == "fashion_mnist"
+    if not folder.is_dir() and not (fashion and system_copy):
+        raise DatasetNotFound(f"dataset folder {folder} for {name} does not exist")
     try:
         return load_mnist_like(train, folder, fashion=fashion)
     except DatasetNotFound:
-        if not fashion:
+        if not (fashion and system_copy):
             raise
     # Fashion-MNIST is the same data wherever it is installed: use the system copy when the checkout has none.
     return load_dataset("fashion_mnist", train)

@@ -108,8 +108,9 @@ def load_attack_result(path_or_record_folder: str | os.PathLike, data_root: Opti
     name = spec_name(loaded["clean_data"])
     spec = _spec_for(name, loaded["img_size"])
     data = Path(data_root) if data_root is not None else dataset_folder(root, loaded["data_path"])
-    clean_train = load_clean_split(name, True, data, spec.size)
-    clean_test = load_clean_split(name, False, data, spec.size)
+    named = data_root is not None  # a folder the user names is used or refused, never replaced
+    clean_train = load_clean_split(name, True, data, spec.size, system_copy=not named)
+    clean_test = load_clean_split(name, False, data, spec.size, system_copy=not named)
     bd_test = rebuild_bd_set(loaded["bd_test"], clean_test, spec, root, folder, "bd_test")
     bd_train = None
     if load_bd_train and loaded["bd_train"] is not None:
