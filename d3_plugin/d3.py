@@ -104,8 +104,11 @@ def select_weights(model: nn.Module, layers: Optional[Sequence[str]] = None) -> 
             raise ValueError(f"no module named {', '.join(unknown)} in the model; pick from its named_modules()")
         chosen = {f"{layer}.{sub}".rstrip("."): m for layer in layers
                   for sub, m in modules[layer].named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    if not chosen:
+    if not chosen and layers is None:
         raise ValueError("no weights selected for D3: the model has no nn.Linear; name the layers to use")
+    if not chosen:
+        raise ValueError(f"{', '.join(layers)} hold(s) no nn.Linear or nn.Conv2d weights for D3; name such a "
+                         f"module or a block that contains one (e.g. the classifier head)")
     return {f"{name}.weight": m.weight for name, m in chosen.items()}
 
 

@@ -88,6 +88,9 @@ def test_select_weights_unknown_name_and_no_linear_are_errors():
         select_weights(tiny_model(), ["nope"])
     with pytest.raises(ValueError, match="no nn.Linear"):
         select_weights(nn.Sequential(nn.Conv2d(1, 1, 3)))
+    with_bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"^1 hold\(s\) no nn.Linear or nn.Conv2d weights"):
+        select_weights(with_bn, ["1"])  # the BatchNorm: its own message, not "the model has no nn.Linear"
 
 
 # ---------------------------------------------------------------- projection
