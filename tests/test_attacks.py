@@ -185,3 +185,16 @@ def test_record_round_trips_through_the_loader(tmp_path, fmnist):
     df = (folder / "attack_df.csv").read_text().splitlines()
     assert "test_asr" in df[0] and len(df) == 2
     assert json.loads((folder / "attack_info.json").read_text())["attack"] == "blended"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--epochs", "0"], "--epochs must be ≥ 1, got 0"), (["--train-size", "-5"], "--train-size must be ≥ 1, got -5"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"), (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--ratio", "1.5"], "--ratio must be > 0 and ≤ 1, got 1.5"), (["--batch-size", "0"], "--batch-size must be ≥ 1")])
+def test_attack_numbers_out_of_range_are_one_line_errors_not_defaults(tmp_path, capsys, argv, expected):
+    from d3_plugin.cli import main
+    out = tmp_path / "record" / "x"
+    assert main(["attack", "badnets", "--out", str(out), "--device", "cpu", *argv]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and expected in message
+    assert not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -61,7 +62,29 @@ def parse_params(pairs) -> dict:
     return params
 
 
+# option → (smallest allowed value, whether the smallest itself is allowed); None means "not given"
+NUMBERS = {"epochs": (1, True), "ratio": (0, False), "train_size": (1, True), "lr": (0, False),
+           "batch_size": (1, True), "target": (0, True), "rho": (0, False), "sam_epochs": (1, True),
+           "hessian_iterations": (0, True)}
+
+
+def check_numbers(args) -> None:
+    """Every numeric option is finite and in range (0 and negatives are errors, not "unset"), in one line."""
+    for option, (least, inclusive) in NUMBERS.items():
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (value >= least if inclusive else value > least)
+        if option == "ratio":
+            ok = ok and value <= 1
+        if not ok:
+            bound = f"≥ {least}" if inclusive else f"> {least}"
+            raise ValueError(f"--{option.replace('_', '-')} must be {bound}"
+                             f"{' and ≤ 1' if option == 'ratio' else ''}, got {value}")
+
+
 def run(args) -> int:
+    check_numbers(args)
     if Path(args.out).parent.name != "record":
         raise ValueError(f"--out {args.out} must be <checkout>/record/<name> (BackdoorBench resolves the "
                          f"record's paths against the folder holding record/)")
@@ -78,7 +101,7 @@ def _flatten(model, poisoned_train, spec, args, device, epochs, test, bd_test):
     """(A)SAM-flatten `model`; returns (model, history, info) with the backdoor-loss flatness before and
     after, measured on a fixed sample of the poisoned test set."""
     config = FlattenConfig(rho=args.rho, adaptive=not args.plain_sam, epochs=epochs,
-                           lr=args.lr or FlattenConfig.lr, batch_size=args.batch_size, seed=args.seed)
+                           lr=FlattenConfig.lr if args.lr is None else args.lr, batch_size=args.batch_size, seed=args.seed)
     batches = flatness_batches(bd_test, spec, device)
     before = measure_flatness(model, batches, hessian_iterations=args.hessian_iterations)
     model, history = sam_flatten(model, poisoned_train, spec, config, device=device,
@@ -100,13 +123,16 @@ def _run_attack(args, device) -> int:
     spec = dataset_spec(args.dataset)
     train, test = load_dataset(spec.name, True, args.data_root), load_dataset(spec.name, False, args.data_root)
     full_size = len(train)
-    if args.train_size:
+    if args.train_size is not None:
+        if args.train_size > full_size:
+            raise ValueError(f"--train-size {args.train_size} is larger than the {full_size} training images")
         order = torch.randperm(full_size, generator=torch.Generator().manual_seed(args.seed))
         train = train.subset(order[:args.train_size].sort().values)
     poisoned = attack.poison_train(train, ratio=args.ratio, target=args.target, seed=args.seed, **params)
     bd_test = attack.poison_test(test, target=args.target, **params)
     model = build_model(args.model, spec.num_classes, spec.channels, spec.size)
-    config = TrainConfig(epochs=args.epochs or 10, lr=args.lr or TrainConfig.lr, batch_size=args.batch_size,
+    config = TrainConfig(epochs=10 if args.epochs is None else args.epochs,
+                         lr=TrainConfig.lr if args.lr is None else args.lr, batch_size=args.batch_size,
                          seed=args.seed)
     model, history = train_model(model, poisoned, spec, config, device=device,
                                  on_epoch=epoch_evaluator(test, bd_test, spec, device), progress=attack.name)
@@ -135,7 +161,7 @@ def _run_flatten(args, device) -> int:
         raise ValueError(f"{args.result_file} holds no poisoned training set (bd_train); flatten a record "
                          f"that has one")
     model = model_from_record(record).to(device)
-    model, history, info = _flatten(model, record.bd_train, record.spec, args, device, args.epochs or 5,
+    model, history, info = _flatten(model, record.bd_train, record.spec, args, device, 5 if args.epochs is None else args.epochs,
                                     record.clean_test, record.bd_test)
     info.update({"source_record": str(record.folder), "model": record.model_name})
     _report(history)
