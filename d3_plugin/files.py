@@ -6,7 +6,9 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +30,30 @@ def ensure_writable(folder: str | os.PathLike) -> Path:
         raise OutputNotWritable(f"cannot write to output folder {folder} ({error.strerror or error}); "
                                 f"make it writable or choose another folder") from None
     return folder
+
+
+class StagedFolder:
+    """A result folder built aside and swapped in whole, so a reader of `final` sees the previous complete
+    run or the new one, never a mix: files go to the hidden sibling `.NAME.partial-<stamp>`, and `publish`
+    moves the old `final` aside, renames the staging folder to `final`, then deletes the old one. A run
+    that dies leaves only its hidden staging folder (with its log) behind."""
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        self.stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+        self.staging = self.final.with_name(f".{self.final.name}.partial-{self.stamp}")
+
+    def publish(self) -> Path:
+        replaced = self.final.with_name(f".{self.final.name}.replaced-{self.stamp}")
+        try:
+            if self.final.exists():
+                self.final.rename(replaced)
+            self.staging.rename(self.final)
+        except OSError as error:
+            raise OutputNotWritable(f"cannot move the finished run {self.staging} to {self.final} "
+                                    f"({error.strerror or error}); the previous results are in {replaced}") from None
+        shutil.rmtree(replaced, ignore_errors=True)
+        return self.final
 
 
 def _umask() -> int:

@@ -380,3 +380,94 @@ def test_eval_every_3_of_5_epochs_evaluates_epochs_3_and_5(checkout, tmp_path, m
     assert report["precision"] == "bf16" and report["config"]["eval_every"] == 3
     assert report["after"]["acc"] == pytest.approx(float(rows[-1]["test_acc"]))
     assert result["after"]["acc"] == report["after"]["acc"]
+
+
+# --- all-or-nothing result folder --------------------------------------------------------------------
+
+class Killed(Exception):
+    """Stands in for the process dying at one write step."""
+
+
+WRITE_STEPS = ["write_defense_result", "write_metric_table", "write_summary_table", "plot_metrics", "write_index",
+               "write_json", "publish"]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def quick_run(seed: int):
+    return main(["--yaml_path", "./config/defense/d3/mnist.yaml", "--result_file", RECORD, "--epochs", "1",
+                 "--ratio", "0.05", "--batch_size", "64", "--random_seed", str(seed)])
+
+
+@pytest.mark.parametrize("step", WRITE_STEPS)
+def test_a_run_that_dies_at_any_write_step_leaves_the_previous_run_whole(checkout, tmp_path, monkeypatch, step):
+    import d3_plugin.backdoorbench.defense as adapter
+    root = clone_checkout(checkout, tmp_path)
+    monkeypatch.chdir(root)
+    quick_run(0)
+    save = root / "record" / RECORD / "defense" / "d3"
+    before = snapshot(save)
+    assert "d3_summary.json" in before and "defense_result.pt" in before
+
+    def die(*args, **kwargs):
+        raise Killed(step)
+    if step == "write_defense_result":
+        monkeypatch.setattr(adapter, step, die)
+    elif step == "publish":
+        monkeypatch.setattr(outputs.StagedFolder, step, die)
+    else:
+        monkeypatch.setattr(adapter.outputs, step, die)
+    with pytest.raises(Killed):
+        quick_run(1)  # another seed: every file of this run would differ
+    assert snapshot(save) == before
+
+
+def test_a_run_that_dies_between_the_two_renames_leaves_no_result_folder_and_the_old_run_aside(checkout, tmp_path,
+                                                                                              monkeypatch):
+    root = clone_checkout(checkout, tmp_path)
+    monkeypatch.chdir(root)
+    quick_run(0)
+    save = root / "record" / RECORD / "defense" / "d3"
+    before = snapshot(save)
+    rename = Path.rename
+
+    def rename_once_then_die(self, target):
+        if self.name.startswith(".d3.partial-"):
+            raise Killed("between the renames")
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", rename_once_then_die)
+    with pytest.raises(Killed):
+        quick_run(1)
+    assert not save.exists()  # none, not a mix
+    (aside,) = (root / "record" / RECORD / "defense").glob(".d3.replaced-*")
+    assert snapshot(aside) == before
+
+
+def test_a_killed_installed_script_leaves_the_previous_run_whole(checkout, tmp_path, monkeypatch):
+    """SIGKILL of `python defense/d3.py` in the middle of its epochs: d3/ still holds the previous run."""
+    import signal
+    import time
+    root = clone_checkout(checkout, tmp_path)
+    (root / "defense").symlink_to(checkout / "defense")
+    monkeypatch.chdir(root)
+    quick_run(0)
+    save = root / "record" / RECORD / "defense" / "d3"
+    before = snapshot(save)
+    command = [sys.executable, "defense/d3.py", "--result_file", RECORD, "--yaml_path",
+               "./config/defense/d3/mnist.yaml", "--epochs", "200", "--ratio", "0.05", "--random_seed", "1"]
+    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:  # wait for the first evaluated epoch, then kill
+            if "epoch 0:" in line:
+                break
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    time.sleep(0.1)
+    assert snapshot(save) == before
+    assert list((root / "record" / RECORD / "defense").glob(".d3.partial-*"))  # the dead run's own, hidden

@@ -205,12 +205,15 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
             return  # already loaded (BackdoorBench calls set_result from __init__ and from defense)
         record = load_attack_result(folder, data_root=getattr(self.args, "data_root", None))
         self._agree_with(record)
-        save_path = Path(record.folder) / "defense" / NAME
-        args = self.args
-        args.save_path = f"{save_path}/"
-        args.checkpoint_save = getattr(args, "checkpoint_save", None) or f"{save_path}/checkpoint/"
-        args.log = getattr(args, "log", None) or f"{save_path}/log/"
-        for folder_path in (save_path, args.checkpoint_save, args.log):
+        final = Path(record.folder) / "defense" / NAME
+        outputs.ensure_writable(final.parent)
+        self.staged = outputs.StagedFolder(final)  # the run builds aside; _write swaps it in whole
+        staging, args = self.staged.staging, self.args
+        args.save_path = f"{staging}/"
+        self.default_folders = [k for k in ("checkpoint_save", "log") if not getattr(args, k, None)]
+        args.checkpoint_save = getattr(args, "checkpoint_save", None) or f"{staging}/checkpoint/"
+        args.log = getattr(args, "log", None) or f"{staging}/log/"
+        for folder_path in (staging, args.checkpoint_save, args.log):
             outputs.ensure_writable(folder_path)
         self.result = record
 
@@ -385,7 +388,8 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
                 "config": self.config.to_dict(), "seconds": round(seconds, 2), "history": history}
 
     def _write(self, purified, history, index, summary) -> None:
-        """All result files, each atomically; the JSON summary last (its presence marks a finished run)."""
+        """All result files into the staging folder, then the folder swapped in whole (files.StagedFolder):
+        record/<attack>/defense/d3/ holds one complete run or none, never a mix of two."""
         save = Path(self.args.save_path)
         rows = [epoch_row(h) for h in history]
         write_defense_result(save / "defense_result.pt", self.args.model, self.args.num_classes,
@@ -396,15 +400,20 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
             outputs.plot_metrics(save, rows)
         outputs.write_index(Path(self.args.log) / "index.txt", index)
         outputs.write_json(save / f"{NAME}_summary.json", summary)
-        logger.info("results in %s", save)
+        final = self.staged.publish()
+        self.args.save_path = f"{final}/"
+        for key in self.default_folders:
+            setattr(self.args, key, f"{final}/{key.replace('checkpoint_save', 'checkpoint')}/")
+        logger.info("results in %s", final)
 
     def defense(self, result_file: str) -> Dict:
         self.set_result(result_file)
         self.set_logger()
         try:
             return self.mitigation()
-        except Exception as error:
-            logger.error("%s: %s", type(error).__name__, error)
+        except BaseException as error:  # Ctrl-C too: logged, and d3/ keeps the previous complete run
+            logger.error("%s: %s; %s keeps its previous results, this run's log is in %s",
+                         type(error).__name__, error or "interrupted", self.staged.final, self.args.log)
             raise
 
 

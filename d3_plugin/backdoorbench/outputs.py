@@ -17,8 +17,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..files import (OutputNotWritable, atomic_path, ensure_writable, write_bytes, write_json,  # noqa: F401
-                     write_text)
+from ..files import (OutputNotWritable, StagedFolder, atomic_path, ensure_writable, write_bytes,  # noqa: F401
+                     write_json, write_text)
 
 NAN = "nan_value"
 ACC_LIKE = {"test_acc": "Test C-Acc", "test_asr": "Test ASR", "test_ra": "Test RA"}
