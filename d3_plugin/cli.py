@@ -33,6 +33,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UserError, ValueError, OSError) as error:  # OSError: missing, foreign or edited files, disk full, …
         print(f"d3-plugin {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"d3-plugin {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -471,3 +471,25 @@ def test_a_killed_installed_script_leaves_the_previous_run_whole(checkout, tmp_p
     time.sleep(0.1)
     assert snapshot(save) == before
     assert list((root / "record" / RECORD / "defense").glob(".d3.partial-*"))  # the dead run's own, hidden
+
+
+def test_ctrl_c_is_one_line_status_130_and_keeps_the_previous_run(checkout, tmp_path, monkeypatch, capsys):
+    import d3_plugin.backdoorbench.defense as adapter
+    root = clone_checkout(checkout, tmp_path)
+    monkeypatch.chdir(root)
+    quick_run(0)
+    save = root / "record" / RECORD / "defense" / "d3"
+    before = snapshot(save)
+    capsys.readouterr()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(adapter.outputs, "write_metric_table", interrupt)
+    with pytest.raises(SystemExit) as stopped:
+        quick_run(1)
+    assert stopped.value.code == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line, no traceback
+    assert last.endswith(": interrupted; no results were written (an earlier complete run is kept)")
+    assert snapshot(save) == before
+    (log,) = (root / "record" / RECORD / "defense").glob(".d3.partial-*/log/*.log")
+    assert "KeyboardInterrupt" in log.read_text()  # the interruption is logged with the dead run

@@ -114,12 +114,15 @@ def record_location(result_file: str) -> Path:
 
 @contextlib.contextmanager
 def one_line_errors(program: str = "d3"):
-    """Turn input errors into one line on stderr and exit status 2 (for scripts)."""
+    """Turn input errors into one line on stderr and exit status 2, Ctrl-C into one line and 130 (for scripts)."""
     try:
         yield
     except (ValueError, OSError) as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted; no results were written (an earlier complete run is kept)", file=sys.stderr)
+        sys.exit(130)
 
 
 class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense classes after their scripts
