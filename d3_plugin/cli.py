@@ -28,14 +28,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
+    from .errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, one_line
+
     try:
         return commands[args.command].run(args) or 0
-    except (UserError, ValueError, OSError) as error:  # OSError: missing, foreign or edited files, disk full, …
-        print(f"d3-plugin {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except (UserError, *INPUT_ERRORS) as error:
+        print(f"d3-plugin {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return INPUT_ERROR_STATUS
     except KeyboardInterrupt:
         print(f"d3-plugin {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_STATUS
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import yaml
 
 from .. import __version__
 from ..d3 import PRESETS, D3Config, detoxify
+from ..errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, one_line
 from ..data import Loader
 from ..data.readers import dataset_spec
 from ..evaluation import defense_effectiveness_rate, evaluate
@@ -117,12 +118,12 @@ def one_line_errors(program: str = "d3"):
     """Turn input errors into one line on stderr and exit status 2, Ctrl-C into one line and 130 (for scripts)."""
     try:
         yield
-    except (ValueError, OSError) as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except INPUT_ERRORS as error:
+        print(f"{program}: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(INPUT_ERROR_STATUS)
     except KeyboardInterrupt:
         print(f"{program}: interrupted; no results were written (an earlier complete run is kept)", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_STATUS)
 
 
 class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense classes after their scripts

@@ -103,6 +103,9 @@ def load_attack_result(path_or_record_folder: str | os.PathLike, data_root: Opti
     if missing:
         raise CheckpointError(f"{pt} is not a BackdoorBench attack result (missing {', '.join(missing)}); "
                               f"pass record/<attack>/attack_result.pt")
+    if not _is_state_dict(loaded["model"]):
+        raise CheckpointError(f"{pt}: its `model` is a {type(loaded['model']).__name__}, not a state_dict of "
+                              f"tensors; re-save the attack result with model.state_dict()")
     folder = pt.resolve().parent
     root = _checkout_root(folder)
     name = spec_name(loaded["clean_data"])
