@@ -146,6 +146,19 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     return parsed
 
 
+def check_overrides(overrides: Mapping[str, Mapping[str, Any]]) -> None:
+    """Every `--set NAME.PARAM` names a registered defense and a field of its config: one line, before any
+    data is read (`bb:NAME` rows take BackdoorBench's own argument names and are not checked)."""
+    for name, params in overrides.items():
+        if name.startswith(BB_PREFIX):
+            continue
+        fields = registry.config_fields(name) if registry.get(name).kind == "native" else None
+        unknown = sorted(set(params) - fields) if fields is not None else []
+        if unknown:
+            raise ValueError(f"--set {name}.{unknown[0]}: {name} has no hyper-parameter {unknown[0]!r}; valid: "
+                             f"{', '.join(sorted(fields))}")
+
+
 def build_for(name: str, dataset: Optional[str], *, epochs: Optional[int] = None, seed: Optional[int] = None,
               overrides: Optional[Mapping[str, Any]] = None, model_name: Optional[str] = None):
     """registry.build with the shared budget, and the architecture's default layers, applied to the fields

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..backdoorbench.records import load_attack_result
-    from ..compare import bench_from_record, compare, parse_overrides, parse_seeds, text_table
+    from ..compare import bench_from_record, check_overrides, compare, parse_overrides, parse_seeds, text_table
 
     if args.list:
         return list_defenses()
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise ValueError("--defenses is empty; name at least one defense, e.g. --defenses d3,ft")
     overrides = parse_overrides(args.overrides)
+    check_overrides(overrides)
     seeds = parse_seeds(args.seeds, args.seed)
     record = load_attack_result(args.result_file, args.data_root)
     benches = [bench_from_record(record, ratio=args.ratio, seed=s, device=args.device, index_file=args.index)
