@@ -85,8 +85,6 @@ def transfer_perturbations(model, held, spec, classes, budgets):
     inputs, labels = next(iter(held))
     box = InputBox.from_spec(spec)
     deltas = {}
-    with torch.no_grad():
-        model.eval()
     for eps in budgets:
         config = ProbeConfig(eps=eps, steps=20, step_size=eps / 5)
         for c in classes:

@@ -147,16 +147,15 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
 
 
 def check_overrides(overrides: Mapping[str, Mapping[str, Any]]) -> None:
-    """Every `--set NAME.PARAM` names a registered defense and a field of its config: one line, before any
-    data is read (`bb:NAME` rows take BackdoorBench's own argument names and are not checked)."""
+    """Build every `--set NAME…` defense once with its overrides (registry.build checks names and values),
+    so a bad one fails in one line before any data is read. `bb:NAME` rows take BackdoorBench's own
+    argument names and are not checked."""
     for name, params in overrides.items():
-        if name.startswith(BB_PREFIX):
-            continue
-        fields = registry.config_fields(name) if registry.get(name).kind == "native" else None
-        unknown = sorted(set(params) - fields) if fields is not None else []
-        if unknown:
-            raise ValueError(f"--set {name}.{unknown[0]}: {name} has no hyper-parameter {unknown[0]!r}; valid: "
-                             f"{', '.join(sorted(fields))}")
+        if not name.startswith(BB_PREFIX):
+            try:
+                registry.build(name, None, **params)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"--set: {error}") from None
 
 
 def build_for(name: str, dataset: Optional[str], *, epochs: Optional[int] = None, seed: Optional[int] = None,

@@ -401,14 +401,19 @@ def quick_run(seed: int):
                  "--ratio", "0.05", "--batch_size", "64", "--random_seed", str(seed)])
 
 
-@pytest.mark.parametrize("step", WRITE_STEPS)
-def test_a_run_that_dies_at_any_write_step_leaves_the_previous_run_whole(checkout, tmp_path, monkeypatch, step):
-    import d3_plugin.backdoorbench.defense as adapter
+def after_a_first_run(checkout, tmp_path, monkeypatch):
+    """A clone (the working folder) holding one complete run: (root, its d3/ folder, that folder's files)."""
     root = clone_checkout(checkout, tmp_path)
     monkeypatch.chdir(root)
     quick_run(0)
     save = root / "record" / RECORD / "defense" / "d3"
-    before = snapshot(save)
+    return root, save, snapshot(save)
+
+
+@pytest.mark.parametrize("step", WRITE_STEPS)
+def test_a_run_that_dies_at_any_write_step_leaves_the_previous_run_whole(checkout, tmp_path, monkeypatch, step):
+    import d3_plugin.backdoorbench.defense as adapter
+    root, save, before = after_a_first_run(checkout, tmp_path, monkeypatch)
     assert "d3_summary.json" in before and "defense_result.pt" in before
 
     def die(*args, **kwargs):
@@ -426,11 +431,7 @@ def test_a_run_that_dies_at_any_write_step_leaves_the_previous_run_whole(checkou
 
 def test_a_run_that_dies_between_the_two_renames_leaves_no_result_folder_and_the_old_run_aside(checkout, tmp_path,
                                                                                               monkeypatch):
-    root = clone_checkout(checkout, tmp_path)
-    monkeypatch.chdir(root)
-    quick_run(0)
-    save = root / "record" / RECORD / "defense" / "d3"
-    before = snapshot(save)
+    root, save, before = after_a_first_run(checkout, tmp_path, monkeypatch)
     rename = Path.rename
 
     def rename_once_then_die(self, target):
@@ -449,12 +450,8 @@ def test_a_killed_installed_script_leaves_the_previous_run_whole(checkout, tmp_p
     """SIGKILL of `python defense/d3.py` in the middle of its epochs: d3/ still holds the previous run."""
     import signal
     import time
-    root = clone_checkout(checkout, tmp_path)
+    root, save, before = after_a_first_run(checkout, tmp_path, monkeypatch)
     (root / "defense").symlink_to(checkout / "defense")
-    monkeypatch.chdir(root)
-    quick_run(0)
-    save = root / "record" / RECORD / "defense" / "d3"
-    before = snapshot(save)
     command = [sys.executable, "defense/d3.py", "--result_file", RECORD, "--yaml_path",
                "./config/defense/d3/mnist.yaml", "--epochs", "200", "--ratio", "0.05", "--random_seed", "1"]
     process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -475,11 +472,7 @@ def test_a_killed_installed_script_leaves_the_previous_run_whole(checkout, tmp_p
 
 def test_ctrl_c_is_one_line_status_130_and_keeps_the_previous_run(checkout, tmp_path, monkeypatch, capsys):
     import d3_plugin.backdoorbench.defense as adapter
-    root = clone_checkout(checkout, tmp_path)
-    monkeypatch.chdir(root)
-    quick_run(0)
-    save = root / "record" / RECORD / "defense" / "d3"
-    before = snapshot(save)
+    root, save, before = after_a_first_run(checkout, tmp_path, monkeypatch)
     capsys.readouterr()
 
     def interrupt(*args, **kwargs):

@@ -51,6 +51,6 @@ def test_a_record_whose_model_is_not_a_state_dict_is_refused(tmp_path):
 def test_compare_refuses_a_misspelt_hyper_parameter_before_running_anything(capsys):
     status, message = run(capsys, "compare", "--result_file", "no_such_record", "--set", "d3.lamda=1")
     assert status == 2 and "\n" not in message
-    assert "--set d3.lamda: d3 has no hyper-parameter 'lamda'; valid: " in message and "lam" in message
+    assert "--set: d3: unknown hyper-parameter(s) lamda; valid: " in message and "lam" in message
     status, message = run(capsys, "compare", "--result_file", "no_such_record", "--set", "nosuch.x=1")
     assert status == 2 and "unknown defense 'nosuch'" in message

@@ -77,16 +77,18 @@ def test_train_epoch_averages_stats_over_batches_and_sets_bn_mode():
     assert model.training
 
 
+def poison_weights(model):
+    """An after_step hook that breaks the model: its bias becomes NaN."""
+    with torch.no_grad():
+        model.bias.fill_(float("nan"))
+
+
 def test_fit_stops_with_one_line_when_the_loss_or_the_weights_become_non_finite():
     from d3_plugin.training import Diverged
     model, batches = linear_model(), separable_batches()
     with pytest.raises(Diverged, match="training diverged in epoch 1: the loss became non-finite; lower the learning"):
         fit(model, batches, sgd(model.parameters(), 1e38), cross_entropy(), 3)
     model = linear_model()
-
-    def poison_weights(m):
-        with torch.no_grad():
-            m.bias.fill_(float("nan"))
     with pytest.raises(Diverged, match="epoch 1: the loss became non-finite|epoch 1: the weights became non-finite"):
         fit(model, batches, sgd(model.parameters(), 0.1), cross_entropy(), 3, after_step=poison_weights)
 
@@ -94,10 +96,6 @@ def test_fit_stops_with_one_line_when_the_loss_or_the_weights_become_non_finite(
 def test_fit_notices_weights_that_go_non_finite_after_the_last_step():
     from d3_plugin.training import Diverged
     model, batches = linear_model(), separable_batches(n=16)  # one batch: the loss is taken before the step
-
-    def poison_weights(m):
-        with torch.no_grad():
-            m.bias.fill_(float("nan"))
     with pytest.raises(Diverged, match="epoch 1: the weights became non-finite"):
         fit(model, batches, sgd(model.parameters(), 0.1), cross_entropy(), 2, after_step=poison_weights)
 

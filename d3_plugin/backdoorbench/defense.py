@@ -214,9 +214,10 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         self.staged = outputs.StagedFolder(final)  # the run builds aside; _write swaps it in whole
         staging, args = self.staged.staging, self.args
         args.save_path = f"{staging}/"
-        self.default_folders = [k for k in ("checkpoint_save", "log") if not getattr(args, k, None)]
-        args.checkpoint_save = getattr(args, "checkpoint_save", None) or f"{staging}/checkpoint/"
-        args.log = getattr(args, "log", None) or f"{staging}/log/"
+        self.default_folders = {k: sub for k, sub in (("checkpoint_save", "checkpoint"), ("log", "log"))
+                                if not getattr(args, k, None)}  # inside the run's folder, unless given
+        for key, sub in self.default_folders.items():
+            setattr(args, key, f"{staging}/{sub}/")
         for folder_path in (staging, args.checkpoint_save, args.log):
             outputs.ensure_writable(folder_path)
         self.result = record
@@ -406,8 +407,8 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         outputs.write_json(save / f"{NAME}_summary.json", summary)
         final = self.staged.publish()
         self.args.save_path = f"{final}/"
-        for key in self.default_folders:
-            setattr(self.args, key, f"{final}/{key.replace('checkpoint_save', 'checkpoint')}/")
+        for key, sub in self.default_folders.items():
+            setattr(self.args, key, f"{final}/{sub}/")
         logger.info("results in %s", final)
 
     def defense(self, result_file: str) -> Dict:
@@ -417,7 +418,7 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
             return self.mitigation()
         except BaseException as error:  # Ctrl-C too: logged, and d3/ keeps the previous complete run
             logger.error("%s: %s; %s keeps its previous results, this run's log is in %s",
-                         type(error).__name__, error or "interrupted", self.staged.final, self.args.log)
+                         type(error).__name__, str(error) or "interrupted", self.staged.final, self.args.log)
             raise
 
 

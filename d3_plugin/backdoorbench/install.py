@@ -115,7 +115,8 @@ def install(checkout: str | os.PathLike, force: bool = False) -> List[Path]:
 
 def _edited(checkout: Path, rel: str, recorded: Dict[str, Optional[str]], planned: Dict[Path, str]) -> bool:
     """Whether our file `rel` exists with content other than what we wrote (the manifest's hash) — or, when
-    no hash was recorded (an older manifest), other than what this version writes or would write."""
+    no hash was recorded (an older manifest), other than what this version writes (a file this version no
+    longer writes has only its header to go by, as before the hashes)."""
     path = checkout / rel
     if not path.is_file() or not is_ours(path):
         return False
@@ -123,7 +124,7 @@ def _edited(checkout: Path, rel: str, recorded: Dict[str, Optional[str]], planne
     known = recorded.get(rel)
     if known is not None:
         return current != known
-    return Path(rel) not in planned or current != digest(planned[Path(rel)])
+    return Path(rel) in planned and current != digest(planned[Path(rel)])
 
 
 def uninstall(checkout: str | os.PathLike, force: bool = False) -> List[Path]:

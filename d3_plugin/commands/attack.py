@@ -101,7 +101,8 @@ def _flatten(model, poisoned_train, spec, args, device, epochs, test, bd_test):
     """(A)SAM-flatten `model`; returns (model, history, info) with the backdoor-loss flatness before and
     after, measured on a fixed sample of the poisoned test set."""
     config = FlattenConfig(rho=args.rho, adaptive=not args.plain_sam, epochs=epochs,
-                           lr=FlattenConfig.lr if args.lr is None else args.lr, batch_size=args.batch_size, seed=args.seed)
+                           lr=FlattenConfig.lr if args.lr is None else args.lr, batch_size=args.batch_size,
+                           seed=args.seed)
     batches = flatness_batches(bd_test, spec, device)
     before = measure_flatness(model, batches, hessian_iterations=args.hessian_iterations)
     model, history = sam_flatten(model, poisoned_train, spec, config, device=device,
@@ -161,7 +162,8 @@ def _run_flatten(args, device) -> int:
         raise ValueError(f"{args.result_file} holds no poisoned training set (bd_train); flatten a record "
                          f"that has one")
     model = model_from_record(record).to(device)
-    model, history, info = _flatten(model, record.bd_train, record.spec, args, device, 5 if args.epochs is None else args.epochs,
+    epochs = 5 if args.epochs is None else args.epochs
+    model, history, info = _flatten(model, record.bd_train, record.spec, args, device, epochs,
                                     record.clean_test, record.bd_test)
     info.update({"source_record": str(record.folder), "model": record.model_name})
     _report(history)
