@@ -8,19 +8,26 @@ two forward/backward passes per step, plugs in unchanged.
 `precision` (`d3_plugin.precision`: auto | bf16 | fp16 | fp32; None = plain fp32) puts the objective's
 forward under autocast and conv models and batches in channels_last; weights and optimizer state stay
 fp32. fp16 adds a GradScaler: the closure runs once, then `scaler.step(optimizer)` (so not with SAM).
+
+`checkpoint` (an `EpochCheckpoint`) makes a run resumable after a kill: fit saves its whole state after
+every epoch and, when the file exists, continues from it (bit-identical to an uninterrupted run on the
+same hardware, precision and thread count).
 """
 from __future__ import annotations
 
 import copy
 import math
 import random
-from typing import Callable, Dict, Iterable, List, Optional
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .files import torch_save
 from .precision import Precision, model_device, resolve_precision
 from .sam import SAM
 
@@ -123,20 +130,26 @@ def check_finite(model: torch.nn.Module, stats: Stats, epoch: int) -> None:
 def fit(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, objective: Objective,
         epochs: int, *, scheduler=None, after_step=None, bn_train: bool = True,
         on_epoch: Optional[Callable[[int, torch.nn.Module], Stats]] = None, on_epoch_every: int = 1,
-        precision: str | Precision | None = None, progress: Optional[str] = None) -> List[Stats]:
+        precision: str | Precision | None = None, progress: Optional[str] = None,
+        checkpoint: Optional["EpochCheckpoint"] = None) -> List[Stats]:
     """Train for `epochs`; each history row holds the epoch's mean stats, its lr and `on_epoch`'s results.
 
     `on_epoch` runs after every `on_epoch_every`-th epoch and after the last (`due`). `precision`: see
     the module docstring; a conv model is in channels_last while it trains (when chosen) and comes back
     in its own format. `progress` names a tqdm bar over epochs (None: no bar). A non-finite loss or weight
-    after an epoch stops the run with `Diverged`.
+    after an epoch stops the run with `Diverged`. `checkpoint`: saved after each epoch, once its
+    `on_epoch` has run; an existing one is restored first and training goes on with the next epoch (a
+    finished one returns its history at once). The returned history holds every epoch's row.
     """
     if int(on_epoch_every) < 1:
         raise ValueError(f"on_epoch_every must be a positive integer, got {on_epoch_every!r}")
     mode = resolve_precision(precision, model_device(model), model=model, sam=isinstance(optimizer, SAM))
     scaler = mode.grad_scaler()
     history: List[Stats] = []
-    bar = tqdm(range(epochs), desc=progress, leave=False, disable=progress is None)
+    if checkpoint is not None:
+        history = checkpoint.restore(epochs, model, optimizer, scheduler, scaler, batches)
+    bar = tqdm(range(len(history), epochs), desc=progress, leave=False, disable=progress is None,
+               initial=len(history), total=epochs)
     with mode.formatted(model):
         for epoch in bar:
             row: Stats = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
@@ -148,8 +161,131 @@ def fit(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimi
             if on_epoch is not None and due(epoch + 1, epochs, on_epoch_every):
                 row.update(on_epoch(epoch + 1, model))
             history.append(row)
+            if checkpoint is not None:
+                checkpoint.save(epochs, model, optimizer, scheduler, scaler, batches, history)
             bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ("loss", "acc", "asr")})
     return history
+
+
+CHECKPOINT_FORMAT = "d3_plugin.epoch_checkpoint/1"
+CHECKPOINT_KEYS = ("format", "epochs", "done", "history", "model", "optimizer", "scheduler", "scaler", "rng", "extra")
+RESUME_FIX = "delete it to start over or drop --resume"
+
+
+@dataclass
+class EpochCheckpoint:
+    """The file `fit` saves after every epoch and resumes from, written atomically and read back only
+    through the safe loader. It holds the epochs done and in total, the model, optimizer, scheduler and
+    GradScaler states, the torch (CPU, CUDA), numpy and `random` RNG states, the state of the loader's
+    `generator`, the history so far and `extra`.
+
+    `extra` identifies the run (e.g. D3's θs_init and norms): tensors, numbers, strings, lists and dicts.
+    A file whose `extra` or total of epochs differs is refused with a one-line ValueError.
+    """
+
+    path: Path
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+
+    def save(self, epochs, model, optimizer, scheduler, scaler, batches, history: List[Stats]) -> None:
+        torch_save({"format": CHECKPOINT_FORMAT, "epochs": epochs, "done": len(history), "history": history,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
+                    "scaler": None if scaler is None else scaler.state_dict(),
+                    "rng": rng_states(batches), "extra": self.extra}, self.path)
+
+    def restore(self, epochs, model, optimizer, scheduler, scaler, batches) -> List[Stats]:
+        """Load the file into the run's objects and return its history; [] when there is no file yet."""
+        if not self.path.exists():
+            return []
+        state = self.load(epochs)
+        try:
+            model.load_state_dict(state["model"])
+            getattr(optimizer, "base", optimizer).load_state_dict(state["optimizer"])  # SAM: its base optimizer
+            if scheduler is not None and state["scheduler"] is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state["scaler"] is not None:
+                scaler.load_state_dict(state["scaler"])
+            restore_rng_states(state["rng"], batches)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise ValueError(f"checkpoint {self.path} does not fit this run ({one_line(error)}); "
+                             f"{RESUME_FIX}") from None
+        return list(state["history"])
+
+    def load(self, epochs: int) -> dict:
+        """The file's contents, checked against this run (its epochs and `extra`)."""
+        from .backdoorbench.safe_load import safe_torch_load  # here: no import cycle through backdoorbench
+
+        try:
+            state = safe_torch_load(self.path)
+        except (OSError, ValueError) as error:  # CheckpointError / UnsafeCheckpoint are ValueErrors
+            raise ValueError(f"checkpoint {self.path} is corrupt or unreadable ({type(error).__name__}); "
+                             f"{RESUME_FIX}") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or \
+                not set(CHECKPOINT_KEYS) <= set(state) or not isinstance(state["history"], list) or \
+                state["done"] != len(state["history"]):
+            raise ValueError(f"checkpoint {self.path} is not a complete d3_plugin epoch checkpoint; {RESUME_FIX}")
+        if state["epochs"] != epochs:
+            raise ValueError(f"checkpoint {self.path} is for a {state['epochs']}-epoch run, this run has {epochs} "
+                             f"epochs; {RESUME_FIX}")
+        different = first_difference(state["extra"], self.extra)
+        if different is not None:
+            raise ValueError(f"checkpoint {self.path} belongs to another run (its {different} differs: another "
+                             f"input model or settings?); {RESUME_FIX}")
+        return state
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:160]}" if text else type(error).__name__
+
+
+def first_difference(stored, given, name: str = "extra") -> Optional[str]:
+    """The name of the first part where `stored` and `given` differ (tensors bit for bit), else None."""
+    if isinstance(stored, torch.Tensor) and isinstance(given, torch.Tensor):
+        same = stored.dtype == given.dtype and torch.equal(stored.cpu(), given.detach().cpu())
+        return None if same else name
+    if isinstance(stored, dict) and isinstance(given, dict):
+        if set(stored) != set(given):
+            return name
+        parts = [(stored[key], given[key], f"{name}[{key!r}]") for key in given]
+    elif isinstance(stored, (list, tuple)) and isinstance(given, (list, tuple)):
+        if len(stored) != len(given):
+            return name
+        parts = [(a, b, f"{name}[{i}]") for i, (a, b) in enumerate(zip(stored, given))]
+    else:
+        return None if type(stored) is type(given) and stored == given else name
+    for a, b, part in parts:
+        different = first_difference(a, b, part)
+        if different is not None:
+            return different
+    return None
+
+
+def rng_states(batches) -> dict:
+    """Every random state a run draws from, in types the safe loader reads (tensors, ints, lists, tuples)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    generator = getattr(batches, "generator", None)
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(gauss)],
+            "random": random.getstate(),
+            "loader": generator.get_state() if isinstance(generator, torch.Generator) else None}
+
+
+def restore_rng_states(states: dict, batches) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states["random"]
+    random.setstate((version, tuple(internal), gauss_next))
+    generator = getattr(batches, "generator", None)
+    if isinstance(generator, torch.Generator) and states["loader"] is not None:
+        generator.set_state(states["loader"])
 
 
 def due(epoch: int, epochs: int, every: int) -> bool:
@@ -159,13 +295,15 @@ def due(epoch: int, epochs: int, every: int) -> bool:
 
 def train_classifier(model: torch.nn.Module, batches: Iterable, *, epochs: int, lr: float, momentum: float = 0.9,
                      weight_decay: float = 0.0, label_smoothing: float = 0.0, sam_rho: float = 0.0,
-                     adaptive_sam: bool = True, device=None, on_epoch=None, progress: Optional[str] = None):
+                     adaptive_sam: bool = True, device=None, on_epoch=None, progress: Optional[str] = None,
+                     checkpoint: Optional[EpochCheckpoint] = None):
     """Train a copy of `model` with cross-entropy, SGD (inside (A)SAM when sam_rho > 0) and a cosine
     schedule; returns (model, history). Fine-tuning, FT-SAM, backdoor training and SAM flattening are
-    all this one recipe with different settings. `device`: move the copy there first (default: stay)."""
+    all this one recipe with different settings. `device`: move the copy there first (default: stay).
+    `checkpoint`: see fit (its `extra` should identify the input model and settings)."""
     model = copy.deepcopy(model) if device is None else copy.deepcopy(model).to(device)
     base = sgd(model.parameters(), lr, momentum, weight_decay)
     optimizer = SAM(base, sam_rho, adaptive_sam) if sam_rho > 0 else base
     history = fit(model, batches, optimizer, cross_entropy(label_smoothing), epochs,
-                  scheduler=cosine(base, epochs), on_epoch=on_epoch, progress=progress)
+                  scheduler=cosine(base, epochs), on_epoch=on_epoch, progress=progress, checkpoint=checkpoint)
     return model, history
