@@ -28,21 +28,15 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from . import registry
+from .bench import Bench, bench_from_record  # noqa: F401 — bench_from_record is part of this module's API
+from .evaluation import summarize
 from .files import ensure_writable, write_bytes, write_json, write_text
-from .backdoorbench.reserved import reserved_indices
-from .data import DatasetSpec, ImageSet, Loader
-from .evaluation import evaluate, summarize
-from .models import default_layers
-from .training import resolve_device, seed_everything
 
 METRICS = ("acc", "asr", "ra", "der", "seconds")
 COLUMNS = ("defense", "seed", *METRICS, "config_hash", "reserved", "error")  # one run (seed) of a defense
@@ -55,39 +49,8 @@ SEED_KEYS = ("seed", "ratio", "index_file", "reserved")  # identity keys the no-
 MAX_SEED = 2 ** 32 - 1  # numpy's limit
 NO_DEFENSE = "no defense"
 CACHE = "compare_cache.json"
-EPOCH_FIELDS = ("epochs", "teacher_epochs", "rounds")
 BB_PREFIX = "bb:"
-COMPARE_PRECISION = "fp32"  # only D3 has a precision option so far; a table compares like with like
-
-
-@dataclass
-class Bench:
-    """What every defense in a comparison shares."""
-
-    model: nn.Module
-    spec: DatasetSpec
-    reserved: ImageSet
-    clean_test: ImageSet
-    bd_test: ImageSet
-    device: torch.device
-    seed: int = 0
-    identity: Dict[str, Any] = field(default_factory=dict)  # record, reserved draw: enters every hash
-    record_folder: Optional[Path] = None
-    eval_batch_size: int = 512
-    model_name: Optional[str] = None  # picks per-architecture defaults such as D3's layers
-    track: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None  # per-epoch curves, if wanted
-
-    def evaluate(self, model: nn.Module) -> Dict[str, float]:
-        clean = Loader(self.clean_test, self.spec, self.eval_batch_size, device=self.device)
-        backdoor = Loader(self.bd_test, self.spec, self.eval_batch_size, device=self.device)
-        return evaluate(model, clean, backdoor)
-
-    def reserved_batches(self, batch_size: int) -> Loader:
-        return Loader(self.reserved, self.spec, batch_size, train=True, device=self.device, seed=self.seed)
-
-    def reserved_digest(self) -> str:
-        """Short hash of the reserved indices (in draw order): tells two seeds' draws apart."""
-        return registry.config_hash({"reserved": self.reserved.source_index.tolist()})
+COMPARE_PRECISION = "fp32"  # where a defense has a precision option: a table compares like with like
 
 
 def parse_seeds(seeds: Optional[str] = None, seed: Optional[int] = None) -> List[int]:
@@ -114,21 +77,6 @@ def _one_seed(text: str, seeds: str) -> int:
         return int(text.strip())
     except ValueError:
         raise ValueError(f"--seeds {seeds!r}: {text.strip()!r} is not an integer; use e.g. --seeds 0,1,2") from None
-
-
-def bench_from_record(record, *, ratio: float = 0.05, seed: int = 0, device: str = "auto",
-                      index_file: Optional[str] = None) -> Bench:
-    """A Bench from a loaded BackdoorBench AttackRecord: the reserved set is BackdoorBench's draw."""
-    from .backdoorbench.defense import poisoned_only
-    from .backdoorbench.records import model_from_record
-
-    device = resolve_device(device)
-    index = reserved_indices(len(record.clean_train), ratio, index_file, seed)
-    identity = {"record": str(Path(record.folder).resolve()), "ratio": None if index_file else ratio,
-                "index_file": index_file, "reserved": len(index), "seed": seed}
-    return Bench(model_from_record(record).to(device), record.spec, record.clean_train.subset(index),
-                 record.clean_test, poisoned_only(record.bd_test), device, seed, identity, Path(record.folder),
-                 model_name=record.model_name)
 
 
 # --- planning: which runnable per requested name ------------------------------------------------------
@@ -158,38 +106,19 @@ def check_overrides(overrides: Mapping[str, Mapping[str, Any]]) -> None:
                 raise ValueError(f"--set: {error}") from None
 
 
-def build_for(name: str, dataset: Optional[str], *, epochs: Optional[int] = None, seed: Optional[int] = None,
-              overrides: Optional[Mapping[str, Any]] = None, model_name: Optional[str] = None):
-    """registry.build with the shared budget, and the architecture's default layers, applied to the fields
-    this defense's config has."""
-    fields = registry.config_fields(name) if registry.get(name).kind == "native" else None
-    shared: Dict[str, Any] = {}
-    if fields is not None:
-        if model_name is not None and registry.get(name).config == "d3_plugin.d3:D3Config":
-            shared["layers"] = default_layers(model_name)  # D3's θs per architecture (NAD's `layers` differ)
-        if epochs is not None:
-            shared.update({f: epochs for f in EPOCH_FIELDS if f in fields})
-            entry_default = registry.get(name).hyperparameters(dataset)
-            if "adv_epochs" in fields and entry_default.get("adv_epochs", 0) > epochs:
-                shared["adv_epochs"] = epochs
-        if seed is not None and "seed" in fields:
-            shared["seed"] = seed
-        if "precision" in fields:  # the other defenses train in fp32: rows stay comparable (--set d3.precision=auto)
-            shared["precision"] = COMPARE_PRECISION
-    return registry.build(name, dataset, **{**shared, **dict(overrides or {})})
+def build_for(name: str, bench: Bench, *, epochs: Optional[int] = None,
+              overrides: Optional[Mapping[str, Any]] = None) -> registry.Defense:
+    """registry.build for a bench: its dataset and architecture, the shared budget, and the bench's seed
+    and fp32 precision where the defense has such fields; `--set` overrides last."""
+    return registry.build(name, bench.spec.name, model=bench.model_name, budget=epochs,
+                          run={"seed": bench.seed, "precision": COMPARE_PRECISION}, **dict(overrides or {}))
 
 
 # --- running ------------------------------------------------------------------------------------------
 
 def run_native(bench: Bench, defense: registry.Defense) -> Dict[str, Any]:
     """Run one native defense on a copy of the bench model; ACC/ASR/RA and seconds."""
-    seed_everything(bench.seed)
-    batch_size = int(getattr(defense.config, "batch_size", None) or 256)
-    model = copy.deepcopy(bench.model).to(bench.device)
-    started = time.perf_counter()
-    purified, history = defense(model, bench.reserved_batches(batch_size), on_epoch=bench.track,
-                                progress=defense.name)
-    seconds = time.perf_counter() - started
+    purified, history, seconds = bench.run(defense)
     return {**bench.evaluate(purified), "seconds": seconds, **({"history": history} if bench.track else {})}
 
 
@@ -215,7 +144,7 @@ def bb_command(checkout: Path, entry: registry.Entry, record_folder: Path, datas
         command = [python, f"./defense/{script}.py"]
     else:
         script = entry.name
-        command = [python, "-m", "d3_plugin.registry", "run-class", entry.name]
+        command = [python, "-m", "d3_plugin.registry", "run-class", entry.name]  # a plugin class
     config_dir = checkout / "config" / "defense" / script
     yaml_name = f"{dataset}.yaml" if (config_dir / f"{dataset}.yaml").is_file() else "config.yaml"
     command += ["--result_file", bb_result_file(checkout, record_folder),
@@ -354,9 +283,8 @@ def _run_one(bench, requested, before, cache, *, epochs, overrides, backdoorbenc
     digest = registry.config_hash({"name": requested, "unbuilt": True, **bench.identity})
     try:
         entry = registry.get(name)
-        if force_bb or entry.kind != "native":
-            runnable = entry.backdoorbench or isinstance(entry.plugin, type)
-            if entry.kind == "unavailable" or not runnable:
+        if force_bb or entry.where != "native":
+            if not (entry.backdoorbench or entry.where == "plugin class"):
                 raise ValueError(f"{entry.name} has no BackdoorBench script ({entry.notes or 'see its registry entry'})")
             # a forced bb:NAME row takes `--set bb:NAME.ARG=...` (BackdoorBench's own argument names)
             script = registry.ScriptDefense(entry, dict(overrides.get(requested.lower() if force_bb else entry.name, {})))
@@ -371,8 +299,7 @@ def _run_one(bench, requested, before, cache, *, epochs, overrides, backdoorbenc
             metrics = run_backdoorbench(bench, script, Path(backdoorbench), device=bb_device, python=bb_python,
                                         runner=runner)
         else:
-            defense = build_for(entry.name, bench.spec.name, epochs=epochs, seed=bench.seed,
-                                overrides=overrides.get(entry.name), model_name=bench.model_name)
+            defense = build_for(entry.name, bench, epochs=epochs, overrides=overrides.get(entry.name))
             digest = registry.config_hash({"run": defense.hash(), "label": label, **bench.identity})
             if digest in cache:
                 return cache[digest]

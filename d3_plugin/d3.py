@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .precision import check_precision, full_precision, model_device, resolve_precision
-from .training import cosine, fit, sgd
+from .registry import register_defense
+from .training import EpochCheckpoint, cosine, fit, sgd
 
 WARM_STARTS = ("near", "random", "middle", "far", "noise")
 PRESETS = {"default": {}, "paper": {"lam": 10.0}}  # values that differ from D3Config's defaults
@@ -172,14 +173,32 @@ def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor]
     return d3_loss
 
 
+def architecture_layers(model_name, preset: str) -> dict:
+    """D3's θs for an architecture under a preset (`models.default_layers`)."""
+    from .models import default_layers
+    return {"layers": default_layers(model_name, preset)}
+
+
+# BackdoorBench / the authors' option names for D3's settings, and the choices D3 does not offer
+BACKDOORBENCH_NAMES = {"lmd": "lam", "select_layer_name": "layers", "warm_up_method": "warm_start",
+                       "train_mode": "bn_train"}
+BACKDOORBENCH_FIXED = {"Lp": (2, 2.0), "client_optimizer": ("sgd",), "lr_scheduler": ("CosineAnnealingLR",)}
+
+
+@register_defense("d3", config=D3Config, data="clean", presets=PRESETS, model_defaults=architecture_layers,
+                  aliases=BACKDOORBENCH_NAMES, fixed=BACKDOORBENCH_FIXED)
 def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Config] = None, *,
              on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
-             progress: Optional[str] = None) -> Tuple[nn.Module, List[Dict[str, float]]]:
+             progress: Optional[str] = None,
+             checkpoint: Optional[str | EpochCheckpoint] = None) -> Tuple[nn.Module, List[Dict[str, float]]]:
     """Run D3 on a copy of `model`; returns (purified model, per-epoch history).
 
     History rows: epoch, lr, loss, clean_loss, hinge, distance (means over the epoch's batches, taken
     before each step), plus whatever `on_epoch(epoch, model)` returns (e.g. ACC/ASR) after every
     `config.eval_every`-th epoch and the last. Training runs in `config.precision` (module docstring).
+    `checkpoint` (a path, or an EpochCheckpoint whose path is used): saved after every epoch and resumed
+    from when it exists (training.fit); it is tied to this input model (θs_init, norms) and D3's
+    algorithm settings, so a resume with another model or config is refused.
     """
     config = config or D3Config()
     model = copy.deepcopy(model)
@@ -190,8 +209,13 @@ def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Confi
     optimizer = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
     precision = resolve_precision(config.precision, model_device(model), model=model,
                                   channels_last=config.channels_last)
+    if checkpoint is not None:  # the warm start above is seeded: a resumed run redoes it, then loads θ
+        settings = {name: getattr(config, name) for name in ("lam", "eps", "hinge", "normalize", "warm_start",
+                    "layers", "lr", "momentum", "weight_decay", "bn_train", "seed")}  # epochs: fit checks them
+        checkpoint = EpochCheckpoint(getattr(checkpoint, "path", checkpoint),
+                                     {"theta_init": initial, "norms": norms, "settings": settings})
     history = fit(model, clean_batches, optimizer, objective(weights, initial, config), config.epochs,
                   scheduler=cosine(optimizer, config.epochs), after_step=lambda _: project(weights, norms),
                   bn_train=config.bn_train, on_epoch=on_epoch, on_epoch_every=config.eval_every,
-                  precision=precision, progress=progress)
+                  precision=precision, progress=progress, checkpoint=checkpoint)
     return model, history

@@ -7,7 +7,6 @@ budget through `compare`, and write the table (Markdown/CSV/JSON), a bar chart a
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,10 +15,12 @@ from typing import Dict, List, Optional
 import torch
 
 from .attacks import BadNets, TrainConfig, poison_test_set, poison_training_set, train_model
-from .files import ensure_writable, torch_save, write_bytes
-from .backdoorbench.reserved import reserved_indices
 from . import registry
-from .compare import Bench, compare, text_table
+from .backdoorbench.outputs import plot_panels
+from .backdoorbench.reserved import reserved_indices
+from .bench import Bench
+from .compare import compare, text_table
+from .files import ensure_writable, torch_save
 from .data import Loader, dataset_spec, load_dataset
 from .evaluation import evaluate
 from .models import build_model
@@ -74,26 +75,15 @@ def _curve_tracker(bench: Bench, samples: int):
 
 
 def plot_curves(rows: List[Dict], path: Path) -> Path:
-    """ACC and ASR per epoch for every defense row that carries a history."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in zip(axes, ("acc", "asr"), ("clean accuracy (ACC)", "attack success rate (ASR)")):
-        for row in rows:
-            history = row.get("history") or []
-            if history:
-                ax.plot([h["epoch"] for h in history], [100 * h[key] for h in history], label=row["defense"])
-            elif row["defense"] == "no defense":
-                ax.axhline(100 * row[key], color="grey", linestyle="--", label="no defense")
-        ax.set(title=title, xlabel="epoch", ylabel="%", ylim=(0, 100))
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return write_bytes(path, buffer.getvalue())
+    """ACC and ASR (%) per epoch for every defense row that carries a history; the no-defense level as a
+    flat line."""
+    longest = max((len(row.get("history") or []) for row in rows), default=1)
+    panels = []
+    for key, title in (("acc", "clean accuracy (ACC)"), ("asr", "attack success rate (ASR)")):
+        curves = {row["defense"]: [100 * h[key] for h in row["history"]] if row.get("history")
+                  else [100 * row[key]] * longest for row in rows if row.get("history") or row.get(key) is not None}
+        panels.append((title, curves, "%", (0, 100)))
+    return plot_panels(path, panels, figsize=(10, 3.8))
 
 
 def run_demo(config: DemoConfig) -> List[Dict]:
@@ -115,7 +105,7 @@ def run_demo(config: DemoConfig) -> List[Dict]:
                   model_name=config.model)
     bench.track = _curve_tracker(bench, config.curve_samples)
     overrides = {name: {"lr": config.defense_lr} for name in config.defenses
-                 if "lr" in (registry.config_fields(name) or ())}
+                 if "lr" in registry.field_names(registry.get(name).config)}
     rows = compare(bench, list(config.defenses), epochs=config.defense_epochs, overrides=overrides, out=out)
     plot_curves(rows, out / "curves.png")
     print(text_table(rows))

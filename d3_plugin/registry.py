@@ -1,32 +1,42 @@
-"""Registry of backdoor defenses: the shipped `registry/*.yaml` entries plus entry-point plugins.
+"""The one registry of defenses and attacks: ours and third-party plugins, found the same way.
 
     from d3_plugin import registry
-    registry.names()                                  # ['aft', 'd3', 'fp', 'ft', ...]
-    entry = registry.get("ft-sam")                    # paper, data needed, implementation, defaults
-    defense = registry.build("ft-sam", dataset="cifar10", epochs=20)
+    registry.names()                                   # defenses: ['aft', 'anp', 'clp', 'd3', ...]
+    registry.names("attack")                           # ['badnets', 'blended', 'lf', 'sam-flatten', ...]
+    defense = registry.build("ft-sam", dataset="gtsrb", budget=20)
     purified, history = defense(model, clean_batches)
 
-An entry (one YAML file per defense) holds:
-    name: ft-sam                         lookup key
-    title: FT-SAM                        display name (optional)
-    paper: {title, venue, arxiv}
-    data: clean | none | poisoned        what it needs besides the model (clean = the reserved set)
-    implementation:
-      native: module:function            defend(model, clean_batches, config, *, on_epoch, progress)
-      config: module:Class               its config dataclass
-      backdoorbench: ft-sam              script defense/<name>.py of a BackdoorBench checkout
-      entry_point: name                  (set for plugins)
-    defaults:                            hyper-parameters: `all` first, then the dataset's own
-      all:    {source: "...", values: {epochs: 100, lr: 0.01}}
-      gtsrb:  {source: "...", values: {rho: 8.0}}
-    notes: free text
+Adding a defense is one module (docs/plugins.md):
 
-Plugins: distributions may declare entry points in the group `backdoorbench.defenses`. The object an
-entry point names may be (a) a mapping with the fields above, (b) a defend-style function (its config
-class, if any, as the attribute `config_class`), or (c) a BackdoorBench-style defense class
-(`add_arguments(parser)`, `cls(args).defense(result_file)`), runnable only inside a BackdoorBench
-checkout through `python -m d3_plugin.registry run-class NAME ...`. A YAML entry with the same name wins;
-the plugin is then recorded as that entry's `entry_point`.
+    @dataclass
+    class MyConfig:                       # the single source of the defaults
+        epochs: int = 10
+        lr: float = 0.01
+        budget_fields: ClassVar[tuple] = ("epochs",)   # what `--epochs` sets (default: `epochs` if present)
+
+    @registry.register_defense("mine", config=MyConfig, data="clean")
+    def mine(model, clean_batches, config, *, on_epoch=None, progress=None):
+        ...
+        return purified_copy, history_rows
+
+plus, if wanted, `registry/mine.yaml` with notes only: title, paper, `source` of the defaults, per-dataset
+`overrides`, BackdoorBench's script of the same method (`backdoorbench:`). A YAML file without a
+registered implementation describes a method that runs only as a BackdoorBench script (`backdoorbench:`
+and `data:` set) or not at all here.
+
+Settings are merged by one rule, in `settings()`: config defaults < preset < the architecture's
+defaults < the dataset's overrides < each further layer given (a YAML file, then the command line).
+
+Plugins: an installed distribution lists objects in the entry-point groups `backdoorbench.defenses` /
+`backdoorbench.attacks`. Shapes accepted (checked when loaded; a plugin that fails is listed as broken
+with its one-line reason and never breaks another command):
+  defenses: a function registered with `register_defense`; a plain function matching `DefendFunction`
+            (its config dataclass, if any, as the attribute `config_class`); a BackdoorBench-style class
+            (`add_arguments(parser)` and `defense(result_file)`), run in a checkout; or a mapping with
+            the YAML fields above.
+  attacks:  an `attacks.registry.Attack`, or a trigger factory (class or function) whose parameters all
+            have defaults: `factory(**params)` returns a trigger (`trigger(images) -> images`).
+This package's own entry points (setup.cfg) name the same objects its modules register.
 """
 from __future__ import annotations
 
@@ -35,198 +45,354 @@ import copy
 import dataclasses
 import hashlib
 import importlib
+import importlib.metadata
+import inspect
 import json
-import sys
+import pkgutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import yaml
 
-from . import plugins
 from .shipped import shipped_folder
 
-ENTRY_POINT_GROUP = plugins.DEFENSES
+GROUPS = {"defense": "backdoorbench.defenses", "attack": "backdoorbench.attacks"}
 DATA_KINDS = ("clean", "none", "poisoned")
-BASE_KEYS = ("all", "default", "common", "*")
+DISTRIBUTION = "d3-plugin"
+BUILTIN_MODULES = ("d3_plugin.d3", "d3_plugin.attacks.registry")
+BUILTIN_PACKAGES = ("d3_plugin.defenses",)
+YAML_KEYS = {"name", "title", "paper", "source", "overrides", "notes", "backdoorbench", "data"}
+
+
+class DefendFunction(Protocol):
+    """A native defense: purify a copy of `model` using the clean batches (inputs, labels) and return it
+    with one history row per epoch; `on_epoch(epoch, model)` returns metrics merged into that epoch's
+    row; `progress` is a label for a progress bar (None: no bar)."""
+
+    def __call__(self, model, clean_batches: Iterable, config: Any = None, *,
+                 on_epoch: Optional[Callable] = None, progress: Optional[str] = None) -> Tuple[Any, List[Dict]]: ...
 
 
 @dataclass
 class Entry:
+    """One defense or attack: how it runs here, its defaults, and its paper."""
+
     name: str
+    group: str = "defense"
+    run: Any = None                      # defend function, Attack, or BackdoorBench-style class
+    config: Optional[type] = None        # config dataclass: the defaults
+    data: str = "clean"                  # clean (the reserved set) | none | poisoned
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    model_defaults: Optional[Callable[[Optional[str], str], Mapping[str, Any]]] = None
+    aliases: Mapping[str, str] = field(default_factory=dict)      # BackdoorBench option → config field
+    fixed: Mapping[str, tuple] = field(default_factory=dict)      # BackdoorBench option → accepted values
+    backdoorbench: Optional[str] = None  # BackdoorBench's own script of this method
     title: str = ""
     paper: Dict[str, Any] = field(default_factory=dict)
-    data: str = "clean"
-    native: Optional[str] = None
-    config: Optional[str] = None
-    backdoorbench: Optional[str] = None
-    entry_point: Optional[str] = None
-    defaults: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    sources: Dict[str, str] = field(default_factory=dict)
+    source: str = ""                     # where the defaults come from
+    overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)   # dataset → values
+    override_sources: Dict[str, str] = field(default_factory=dict)
     notes: str = ""
-    origin: str = ""
-    plugin: Any = None  # the loaded entry-point object, when the entry comes from a plugin
+    origin: str = DISTRIBUTION           # the distribution that provides it
+    broken: str = ""                     # why a plugin cannot be used
 
     @property
-    def kind(self) -> str:
-        """native | backdoorbench (script only) | external (plugin class) | unavailable."""
-        if self.native or callable_plugin(self.plugin):
+    def where(self) -> str:
+        """native | plugin class (BackdoorBench-style, needs a checkout) | backdoorbench (its script) |
+        unavailable | broken."""
+        if self.broken:
+            return "broken"
+        if isinstance(self.run, type) and self.group == "defense":
+            return "plugin class"
+        if self.run is not None:
             return "native"
-        if self.backdoorbench:
-            return "backdoorbench"
-        if self.plugin is not None:
-            return "external"
-        return "unavailable"
-
-    def hyperparameters(self, dataset: Optional[str] = None) -> Dict[str, Any]:
-        """Defaults for `dataset`: the `all` values overlaid with the dataset's own."""
-        values = {}
-        for key in BASE_KEYS:
-            values.update(self.defaults.get(key, {}))
-        if dataset:
-            values.update(self.defaults.get(_dataset_key(dataset), {}))
-        return values
-
-    def summary(self) -> Dict[str, Any]:
-        return {"name": self.name, "title": self.title or self.name, "kind": self.kind, "data": self.data,
-                "paper": self.paper, "native": self.native, "backdoorbench": self.backdoorbench,
-                "entry_point": self.entry_point, "origin": self.origin}
+        return "backdoorbench" if self.backdoorbench else "unavailable"
 
 
-def callable_plugin(obj) -> bool:
-    """A plugin object usable as a native defend function (a function, not a BackdoorBench class)."""
-    return callable(obj) and not isinstance(obj, type)
+_REGISTERED: Dict[Tuple[str, str], Entry] = {}
 
 
-def _dataset_key(name: str) -> str:
-    return name.lower().replace("-", "_")
+def _key(name: str) -> str:
+    return str(name).lower().strip()
 
 
-def _parse_defaults(raw: Any, origin: str):
-    """`defaults:` → ({dataset: values}, {dataset: source}); accepts {values, source} or flat mappings."""
-    if raw is None:
-        return {}, {}
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{origin}: `defaults` must map dataset names to hyper-parameters")
-    defaults, sources = {}, {}
-    for dataset, block in raw.items():
-        block = dict(block or {})
-        source = block.pop("source", None)
-        values = block.pop("values", None)
-        if values is not None and block:
-            raise ValueError(f"{origin}: defaults.{dataset} mixes `values` with other keys {sorted(block)}")
-        defaults[_dataset_key(str(dataset))] = dict(values if values is not None else block)
-        if source:
-            sources[_dataset_key(str(dataset))] = str(source)
-    return defaults, sources
+def register_defense(name: str, *, config: Optional[type] = None, data: str = "clean",
+                     presets: Optional[Mapping] = None, model_defaults: Optional[Callable] = None,
+                     aliases: Optional[Mapping[str, str]] = None, fixed: Optional[Mapping[str, tuple]] = None):
+    """Decorator: register a `DefendFunction` under `name` with its config dataclass.
 
-
-def entry_from_mapping(raw: Mapping, origin: str) -> Entry:
-    """Validate one declarative entry (a parsed YAML file or a plugin's mapping)."""
-    if not isinstance(raw, Mapping) or not raw.get("name"):
-        raise ValueError(f"{origin}: a registry entry must be a mapping with a `name`")
-    impl = dict(raw.get("implementation") or {})
-    unknown = set(impl) - {"native", "config", "backdoorbench", "entry_point"}
-    if unknown:
-        raise ValueError(f"{origin}: unknown implementation keys {sorted(unknown)}; "
-                         "use native, config, backdoorbench or entry_point")
-    data = str(raw.get("data", "clean")).split()[0].lower()
+    presets: named value sets ("default" is used when none is chosen); model_defaults(model_name, preset):
+    per-architecture values; aliases / fixed: BackdoorBench option names for config fields / options whose
+    value must be one of a few (both used by the BackdoorBench adapter)."""
     if data not in DATA_KINDS:
-        raise ValueError(f"{origin}: `data` must be one of {DATA_KINDS}, got {raw.get('data')!r}")
-    defaults, sources = _parse_defaults(raw.get("defaults"), origin)
-    if isinstance(raw.get("source"), str):
-        sources.setdefault("all", raw["source"])
-    return Entry(name=str(raw["name"]).lower(), title=str(raw.get("title") or ""), paper=dict(raw.get("paper") or {}),
-                 data=data, native=impl.get("native"), config=impl.get("config"),
-                 backdoorbench=impl.get("backdoorbench"), entry_point=impl.get("entry_point"),
-                 defaults=defaults, sources=sources, notes=str(raw.get("notes") or "").strip(), origin=origin)
+        raise ValueError(f"register_defense({name!r}): data must be one of {DATA_KINDS}, got {data!r}")
+
+    def decorate(function):
+        check_defend_function(function)
+        entry = Entry(_key(name), "defense", function, config, data, dict(presets or {}), model_defaults,
+                      dict(aliases or {}), dict(fixed or {}), origin=_distribution_of(function))
+        _REGISTERED[("defense", entry.name)] = entry
+        function.registered_as = entry.name
+        return function
+    return decorate
 
 
-_PARSED: Dict[tuple, Any] = {}  # (path, mtime, size) → parsed YAML: lookups re-read only changed files
+def register_attack(attack, *, name: Optional[str] = None, config: Optional[type] = None, notes: str = ""):
+    """Register an `Attack` under its name (or a record transform such as sam-flatten, with `name` and its
+    `config`)."""
+    entry = Entry(_key(name or attack.name), "attack", attack, config, "poisoned", origin=_distribution_of(attack),
+                  notes=notes or getattr(attack, "description", None) or _first_line(attack.__doc__))
+    _REGISTERED[("attack", entry.name)] = entry
+    return attack
+
+
+def _distribution_of(obj) -> str:
+    module = getattr(obj, "__module__", None) or type(obj).__module__
+    return DISTRIBUTION if module.split(".")[0] == "d3_plugin" else module.split(".")[0]
+
+
+def check_defend_function(function) -> None:
+    """TypeError unless `function` can be called as a `DefendFunction`."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        raise TypeError(f"{function!r} has no inspectable signature; a defense must be a function") from None
+    values = builtins.list(parameters.values())
+    positional = [p for p in values if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_keywords = any(p.kind == p.VAR_KEYWORD for p in values)
+    missing = [k for k in ("on_epoch", "progress") if k not in parameters and not takes_keywords]
+    if len(positional) < 3 and not any(p.kind == p.VAR_POSITIONAL for p in values) or missing:
+        raise TypeError(f"{getattr(function, '__name__', function)}{inspect.signature(function)} does not match "
+                        f"defend(model, clean_batches, config, *, on_epoch=None, progress=None)")
+
+
+# --- loading: built-in modules, shipped notes, entry points -----------------------------------------
+
+def _import_builtins() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    for package_name in BUILTIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package_name}.{info.name}")
+
+
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _read_yaml(path: Path) -> Any:
-    stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    if key not in _PARSED:
-        with open(path, encoding="utf-8") as f:
-            _PARSED[key] = yaml.load(f, Loader=_LOADER)  # noqa: S506 — a safe loader
-    return copy.deepcopy(_PARSED[key])
-
-
-def _yaml_entries(folder: Optional[Path] = None) -> Dict[str, Entry]:
-    folder = folder or shipped_folder("registry")
-    entries = {}
+def _read_notes(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """`registry/*.yaml` by name (files starting with _ or . are scratch, not entries)."""
+    found: Dict[str, Dict[str, Any]] = {}
     for path in sorted(folder.glob("*.yaml")):
-        if path.name.startswith(("_", ".")):  # private/scratch files are not entries
+        if path.name.startswith(("_", ".")):
             continue
-        entry = entry_from_mapping(_read_yaml(path), str(path.name))
-        if entry.name in entries:
-            raise ValueError(f"registry: {path.name} repeats the name {entry.name!r} of {entries[entry.name].origin}")
-        entries[entry.name] = entry
-    return entries
-
-
-def _plugin_entries() -> Dict[str, Entry]:
-    """Entries for every plugin of the `backdoorbench.defenses` entry-point group."""
-    found = {}
-    for point in plugins.discover(plugins.DEFENSES):
-        origin = f"entry point {point.name} = {point.value}" + (f" ({point.distribution})" if point.distribution else "")
-        try:
-            obj = point.load()
-        except Exception as error:  # a broken plugin is listed with its error, not fatal
-            found[point.name.lower()] = Entry(point.name.lower(), entry_point=point.name, origin=origin,
-                                              notes=f"failed to load: {error}")
-            continue
-        if isinstance(obj, Mapping):
-            entry = entry_from_mapping({"name": point.name, **obj}, origin)
-        else:
-            entry = Entry(point.name.lower(), title=getattr(obj, "__name__", point.name), origin=origin,
-                          notes=(obj.__doc__ or "").strip().split("\n")[0])
-            entry.plugin = obj
-        entry.entry_point = point.name
-        found.setdefault(entry.name, entry)
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.load(f, Loader=_LOADER)  # noqa: S506 — a safe loader
+        if not isinstance(raw, Mapping) or not raw.get("name"):
+            raise ValueError(f"registry {path.name}: an entry must be a mapping with a `name`")
+        unknown = set(raw) - YAML_KEYS
+        if unknown:
+            raise ValueError(f"registry {path.name}: unknown keys {sorted(unknown)}; use {sorted(YAML_KEYS)}")
+        name = _key(raw["name"])
+        if name in found:
+            raise ValueError(f"registry {path.name} repeats the name {name!r}")
+        found[name] = {**raw, "origin": path.name}
     return found
 
 
-def load(folder: Optional[Path] = None) -> Dict[str, Entry]:
-    """Every entry by name: shipped YAML first, plugins added (a YAML entry of the same name wins)."""
-    entries = _yaml_entries(folder)
-    for name, plugin in _plugin_entries().items():
-        if name in entries:
-            entries[name].entry_point = entries[name].entry_point or plugin.entry_point
-            entries[name].plugin = entries[name].plugin or plugin.plugin
-        else:
-            entries[name] = plugin
-    return entries
+def apply_notes(entry: Entry, raw: Mapping[str, Any]) -> Entry:
+    """Fill an entry's descriptive fields from a notes mapping (a YAML file or a plugin's mapping)."""
+    origin = raw.get("origin", entry.name)
+    entry.title = str(raw.get("title") or entry.title or "")
+    entry.paper = dict(raw.get("paper") or entry.paper)
+    entry.source = str(raw.get("source") or entry.source or "")
+    entry.notes = str(raw.get("notes") or entry.notes or "").strip()
+    entry.backdoorbench = raw.get("backdoorbench") or entry.backdoorbench
+    if "data" in raw:
+        if entry.run is not None:
+            raise ValueError(f"registry {origin}: `data` of a native defense is declared where it is registered")
+        entry.data = str(raw["data"]).lower()
+        if entry.data not in DATA_KINDS:
+            raise ValueError(f"registry {origin}: `data` must be one of {DATA_KINDS}, got {raw['data']!r}")
+    for dataset, block in (raw.get("overrides") or {}).items():
+        block = dict(block or {})
+        source, values = block.pop("source", None), block.pop("values", block)
+        entry.overrides[_dataset_key(dataset)] = dict(values)
+        if source:
+            entry.override_sources[_dataset_key(dataset)] = str(source)
+    if entry.config is not None:
+        for dataset, values in entry.overrides.items():
+            _check_fields(entry, values, f"registry {origin}: overrides.{dataset}")
+    return entry
 
 
-def list_entries() -> builtins.list:
-    return builtins.list(load().values())
+def _plugin_entry(name: str, group: str, obj: Any) -> Entry:
+    """The entry for a loaded entry-point object (TypeError/ValueError: not a valid shape)."""
+    registered = getattr(obj, "registered_as", None)
+    if registered and ("defense", registered) in _REGISTERED and group == "defense":
+        return _REGISTERED[("defense", registered)]
+    if group == "attack":
+        return _attack_plugin(name, obj)
+    if isinstance(obj, Mapping):
+        entry = apply_notes(Entry(_key(name)), {**obj, "origin": f"entry point {name}"})
+        if entry.where == "unavailable":
+            raise TypeError("a mapping plugin must name its BackdoorBench script (`backdoorbench:`)")
+        return entry
+    if isinstance(obj, type):
+        missing = [m for m in ("add_arguments", "defense") if not callable(getattr(obj, m, None))]
+        if missing:
+            raise TypeError(f"class {obj.__name__} lacks {', '.join(missing)} of BackdoorBench's defense interface")
+        return Entry(_key(name), run=obj, title=obj.__name__, notes=_first_line(obj.__doc__))
+    if not callable(obj):
+        raise TypeError(f"{type(obj).__name__} is neither a defend function, a BackdoorBench-style class nor a mapping")
+    check_defend_function(obj)
+    config = getattr(obj, "config_class", None)
+    if config is not None and not dataclasses.is_dataclass(config):
+        raise TypeError(f"{obj.__name__}.config_class must be a dataclass")
+    return Entry(_key(name), run=obj, config=config, title=getattr(obj, "__name__", name),
+                 notes=_first_line(obj.__doc__))
 
 
-def names() -> builtins.list:
-    return sorted(load())
+def _attack_plugin(name: str, obj: Any) -> Entry:
+    from .attacks.registry import Attack
+
+    if isinstance(obj, Attack):
+        return Entry(_key(name), "attack", obj, data="poisoned")
+    if not callable(obj):
+        raise TypeError(f"{type(obj).__name__} is neither an Attack nor a trigger factory")
+    parameters = inspect.signature(obj).parameters.values()
+    required = [p.name for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise TypeError(f"trigger factory {getattr(obj, '__name__', name)} needs defaults for {', '.join(required)}")
+    defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+    attack = Attack(_key(name), obj, _first_line(obj.__doc__) or name, trigger_params=defaults)
+    return Entry(attack.name, "attack", attack, data="poisoned", notes=attack.description)
 
 
-def get(name: str) -> Entry:
-    entries = load()
-    key = name.lower().strip()
+def _first_line(text: Optional[str]) -> str:
+    return (text or "").strip().split("\n")[0]
+
+
+def _plugins(group: str) -> List[Entry]:
+    """Entries of other distributions' entry points in `group` (ours are registered by their modules)."""
+    found = []
+    for point in importlib.metadata.entry_points(group=GROUPS[group]):
+        dist = getattr(point, "dist", None)
+        distribution = dist.metadata["Name"] if dist is not None else ""
+        if distribution == DISTRIBUTION:
+            continue
+        try:
+            entry = _plugin_entry(point.name, group, point.load())
+        except Exception as error:  # noqa: BLE001 - a broken plugin is listed, never fatal
+            entry = Entry(_key(point.name), group, broken=f"{type(error).__name__}: {_one_line(error)}")
+        entry.origin = f"{distribution or 'unknown distribution'} ({point.value})"
+        found.append(entry)
+    return found
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def load(group: str = "defense", notes: Optional[Path] = None) -> Dict[str, Entry]:
+    """Every entry of `group` by name: registered modules, shipped notes (`registry/*.yaml`, defenses),
+    then plugins (a name we ship wins over a plugin's)."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}; use {' or '.join(GROUPS)}")
+    _import_builtins()
+    entries = {name: copy.copy(entry) for (g, name), entry in _REGISTERED.items() if g == group}
+    for entry in entries.values():  # fresh per load: notes below fill them
+        entry.overrides, entry.override_sources = dict(entry.overrides), dict(entry.override_sources)
+    if group == "defense":
+        for name, raw in _read_notes(notes or shipped_folder("registry")).items():
+            apply_notes(entries.setdefault(name, Entry(name)), raw)
+    for entry in _plugins(group):
+        entries.setdefault(entry.name, entry)
+    return dict(sorted(entries.items()))
+
+
+def list_entries(group: str = "defense") -> builtins.list:
+    return builtins.list(load(group).values())
+
+
+def names(group: str = "defense") -> builtins.list:
+    return builtins.list(load(group))
+
+
+def get(name: str, group: str = "defense") -> Entry:
+    entries = load(group)
+    key = _key(name).replace("_", "-") if _key(name) not in entries else _key(name)
     if key not in entries:
-        raise ValueError(f"unknown defense {name!r}; known: {', '.join(sorted(entries))}")
-    return entries[key]
+        raise ValueError(f"unknown {group} {name!r}; known: {', '.join(entries)}")
+    entry = entries[key]
+    if entry.broken:
+        raise ValueError(f"{group} {entry.name!r} ({entry.origin}) is broken: {entry.broken}")
+    return entry
 
 
-def resolve(reference: str) -> Any:
-    """'package.module:attribute' → the object."""
-    module_name, _, attribute = reference.partition(":")
-    if not attribute:
-        raise ValueError(f"implementation reference {reference!r} must look like 'package.module:name'")
-    obj = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        obj = getattr(obj, part)
-    return obj
+# --- settings and building -------------------------------------------------------------------------
+
+def _dataset_key(name: str) -> str:
+    return str(name).lower().replace("-", "_")
+
+
+def field_names(config: Optional[type]) -> List[str]:
+    return [f.name for f in dataclasses.fields(config)] if config is not None else []
+
+
+def budget_fields(config: Optional[type]) -> Tuple[str, ...]:
+    """The fields a shared training budget (`--epochs`) sets: the config's `budget_fields`, else `epochs`."""
+    declared = getattr(config, "budget_fields", None)
+    if declared is not None:
+        return tuple(declared)
+    return ("epochs",) if "epochs" in field_names(config) else ()
+
+
+def settings(entry: Entry, *, dataset: Optional[str] = None, model: Optional[str] = None,
+             preset: Optional[str] = None, layers: Sequence[Mapping[str, Any]] = ()) -> Dict[str, Any]:
+    """The one merge rule: config defaults < preset < the architecture's defaults < the dataset's overrides
+    < each mapping of `layers` in order (a YAML file, then the command line). Values that are None in a
+    layer do not override."""
+    preset = preset or "default"
+    if entry.presets and preset not in entry.presets:
+        raise ValueError(f"{entry.name}: preset {preset!r} is unknown; use {' or '.join(entry.presets)}")
+    values: Dict[str, Any] = dict(entry.presets.get(preset, {}))
+    if entry.model_defaults is not None and model is not None:
+        values.update(entry.model_defaults(model, preset))
+    if dataset is not None:
+        values.update(entry.overrides.get(_dataset_key(dataset), {}))
+    for layer in layers:
+        values.update({k: v for k, v in dict(layer or {}).items() if v is not None})
+    return values
+
+
+def _check_fields(entry: Entry, values: Mapping[str, Any], where: str) -> None:
+    valid = field_names(entry.config)
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown hyper-parameter(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(sorted(valid))}")
+
+
+def make_config(entry: Entry, values: Mapping[str, Any]):
+    """The entry's config dataclass from `values` (one-line ValueError for unknown or invalid values)."""
+    if entry.config is None:
+        if values:
+            raise ValueError(f"{entry.name} takes no hyper-parameters, got {', '.join(sorted(values))}")
+        return None
+    _check_fields(entry, values, entry.name)
+    try:
+        return entry.config(**values)
+    except TypeError as error:
+        raise ValueError(f"{entry.name}: {_one_line(error)}") from None
+
+
+def applicable(entry: Entry, values: Mapping[str, Any]) -> Dict[str, Any]:
+    """The run settings (seed, precision, ...) a harness offers, kept where the config has the field."""
+    fields = field_names(entry.config)
+    return {k: v for k, v in values.items() if k in fields and v is not None}
 
 
 def config_hash(payload: Mapping) -> str:
@@ -237,10 +403,9 @@ def config_hash(payload: Mapping) -> str:
 
 @dataclass
 class Defense:
-    """A runnable defense: `defense(model, clean_batches, on_epoch=, progress=)` → (model, history)."""
+    """A runnable native defense: `defense(model, clean_batches, on_epoch=, progress=)` → (model, history)."""
 
     entry: Entry
-    function: Callable
     config: Any
 
     @property
@@ -248,20 +413,18 @@ class Defense:
         return self.entry.name
 
     def config_dict(self) -> Dict[str, Any]:
-        if dataclasses.is_dataclass(self.config):
-            return dataclasses.asdict(self.config)
-        return dict(self.config or {})
+        return dataclasses.asdict(self.config) if self.config is not None else {}
 
     def hash(self) -> str:
         return config_hash({"name": self.name, "config": self.config_dict()})
 
-    def __call__(self, model, clean_batches, *, on_epoch=None, progress=None):
-        return self.function(model, clean_batches, self.config, on_epoch=on_epoch, progress=progress)
+    def __call__(self, model, clean_batches, *, on_epoch=None, progress=None, **extra):
+        return self.entry.run(model, clean_batches, self.config, on_epoch=on_epoch, progress=progress, **extra)
 
 
 @dataclass
 class ScriptDefense:
-    """A defense available only as a BackdoorBench script (or plugin class), run in a checkout."""
+    """A defense run as a BackdoorBench script (or a plugin class) inside a checkout."""
 
     entry: Entry
     overrides: Dict[str, Any]
@@ -271,64 +434,56 @@ class ScriptDefense:
         return self.entry.name
 
     def config_dict(self) -> Dict[str, Any]:
-        return {"backdoorbench": self.entry.backdoorbench or f"plugin:{self.entry.entry_point}",
-                **self.overrides}
+        return {"backdoorbench": self.entry.backdoorbench or f"plugin:{self.entry.name}", **self.overrides}
 
     def hash(self) -> str:
         return config_hash({"name": self.name, "config": self.config_dict()})
 
 
-def config_fields(name: str) -> Optional[set]:
-    """Field names the native config accepts (None when the entry has no config class)."""
+def build(name: str, dataset: Optional[str] = None, *, model: Optional[str] = None, preset: Optional[str] = None,
+          budget: Optional[int] = None, run: Optional[Mapping[str, Any]] = None, **overrides):
+    """A runnable defense: `settings()` with the shared `budget` (sets `budget_fields`) and `run` settings
+    (seed, precision, ...; applied where the config has them) below the explicit `overrides`.
+    Native entries give a `Defense`, script-only or plugin-class entries a `ScriptDefense`."""
     entry = get(name)
-    cls = resolve(entry.config) if entry.config else getattr(entry.plugin, "config_class", None)
-    if cls is None or not dataclasses.is_dataclass(cls):
-        return None
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def build(name: str, dataset: Optional[str] = None, **overrides):
-    """A runnable defense with the entry's defaults for `dataset`, then `overrides`, applied.
-
-    Native entries give a `Defense`; script-only or plugin-class entries a `ScriptDefense` (run it
-    with `d3_plugin.compare.run_backdoorbench`). Unknown hyper-parameter names are an error.
-    """
-    entry = get(name)
-    if entry.kind == "unavailable":
-        raise ValueError(f"defense {entry.name!r} has no implementation available here ({entry.notes or 'see its entry'})")
-    if entry.kind != "native":
-        return ScriptDefense(entry, dict(overrides))
-    function = resolve(entry.native) if entry.native else entry.plugin
-    config_cls = resolve(entry.config) if entry.config else getattr(function, "config_class", None)
-    values = {**entry.hyperparameters(dataset), **overrides}
-    if config_cls is None:
-        return Defense(entry, function, values)
-    valid = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ValueError(f"{entry.name}: unknown hyper-parameter(s) {', '.join(unknown)}; "
-                         f"valid: {', '.join(sorted(valid))}")
-    return Defense(entry, function, config_cls(**values))
+    if entry.where == "unavailable":
+        raise ValueError(f"defense {entry.name!r} has no implementation available here "
+                         f"({entry.notes or 'see its registry entry'})")
+    if entry.where != "native":
+        shared = {"epochs": budget} if budget is not None else {}
+        return ScriptDefense(entry, {**shared, **overrides})
+    shared = {**applicable(entry, dict(run or {})), **{f: budget for f in budget_fields(entry.config)
+                                                        if budget is not None}}
+    values = settings(entry, dataset=dataset, model=model, preset=preset, layers=[shared, overrides])
+    return Defense(entry, make_config(entry, values))
 
 
 def run_plugin_class(name: str, argv: builtins.list) -> int:
     """Run a BackdoorBench-style plugin class as its script would (call from the checkout root)."""
     import argparse
+    import sys
+
     entry = get(name)
-    if not isinstance(entry.plugin, type):
+    if entry.where != "plugin class":
         raise ValueError(f"{name!r} is not a BackdoorBench-style plugin class")
     sys.path.insert(0, str(Path.cwd()))
     parser = argparse.ArgumentParser(prog=name)
-    entry.plugin.add_arguments(parser)
+    entry.run.add_arguments(parser)
     args = parser.parse_args(argv)
-    entry.plugin(args).defense(args.result_file)
+    entry.run(args).defense(args.result_file)
     return 0
+
+
+def type_hints(config: type) -> Dict[str, Any]:
+    """The config's field types, resolved (configs use `from __future__ import annotations`)."""
+    return typing.get_type_hints(config)
 
 
 list = list_entries  # noqa: A001 — the documented API name `registry.list()`
 
-if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "run-class":
-        sys.exit(run_plugin_class(sys.argv[2], sys.argv[3:]))
-    for item in list_entries():
-        print(f"{item.name:10s} {item.kind:13s} {item.paper.get('title', '')}")
+if __name__ == "__main__":  # `python -m d3_plugin.registry run-class NAME ARGS...`: compare's runner for plugin classes
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "run-class":
+        sys.exit("usage: python -m d3_plugin.registry run-class NAME [ARGS...]  (the registry: d3-plugin list)")
+    sys.exit(run_plugin_class(sys.argv[2], sys.argv[3:]))

@@ -1,23 +1,21 @@
-"""One registry of attacks: name → `Attack` (trigger factory, clean-label flag, default parameters).
-
-Built-in attacks are module-level `Attack` objects below; other packages add theirs through the
-entry-point group `backdoorbench.attacks` (`name = package.module:attack_object`).
+"""The attacks: `Attack` (trigger factory, clean-label flag, default parameters) objects registered in
+`d3_plugin.registry` (group "attack"), with the record transform `sam-flatten`. Other packages add theirs
+through the entry-point group `backdoorbench.attacks` (see `d3_plugin.registry` for the shapes accepted).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, Callable, Dict, Mapping, Optional
 
+from .. import registry
 from ..data import ImageSet
 from .badnets import BadNets
 from .base import Trigger, poison_test_set, poison_training_set
 from .blended import Blended
 from .lf import LowFrequency
+from .sam_flatten import FlattenConfig, sam_flatten
 from .sig import SIG
 from .wanet import WaNet, poison_with_cross
-
-ENTRY_POINT_GROUP = "backdoorbench.attacks"
 
 
 @dataclass(frozen=True)
@@ -77,24 +75,20 @@ wanet = Attack("wanet", WaNet, "smooth warping field k = 4, s = 0.5, noise mode 
 lf = Attack("lf", LowFrequency, "low-pass filtered seeded noise, additive, range 0–51 (after Zeng et al. "
             "2021; not adversarially optimised)", trigger_params={"cutoff": 3.0, "budget": 51.0, "seed": 0})
 
-BUILTIN: Dict[str, Attack] = {a.name: a for a in (badnets, blended, sig, wanet, lf)}
+for _attack in (badnets, blended, sig, wanet, lf):
+    registry.register_attack(_attack)
+SAM_FLATTEN = "sam-flatten"
+registry.register_attack(sam_flatten, name=SAM_FLATTEN, config=FlattenConfig,
+                         notes="the paper's adaptive attack: (A)SAM-flattens an existing record's backdoor (ρ 1–3)")
 
 
 def attacks() -> Dict[str, Attack]:
-    """Every attack: built-ins plus those registered under the `backdoorbench.attacks` entry points."""
-    found = dict(BUILTIN)
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        if point.name not in found:
-            attack = point.load()
-            if not isinstance(attack, Attack):
-                raise TypeError(f"entry point {point.name} = {point.value} is not a d3_plugin Attack")
-            found[point.name] = attack
-    return found
+    """Every trigger attack by name: ours and those of `backdoorbench.attacks` plugins (not sam-flatten)."""
+    return {e.name: e.run for e in registry.list_entries("attack") if isinstance(e.run, Attack)}
 
 
 def get_attack(name: str) -> Attack:
-    key = name.lower().replace("-", "_")
-    available = attacks()
-    if key not in available:
-        raise ValueError(f"unknown attack {name!r}; available: {', '.join(sorted(available))}")
-    return available[key]
+    attack = registry.get(name, "attack").run
+    if not isinstance(attack, Attack):
+        raise ValueError(f"{name!r} is not a trigger attack; run `d3-plugin attack {name}` for it")
+    return attack

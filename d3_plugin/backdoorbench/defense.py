@@ -1,97 +1,146 @@
-"""D3 as a BackdoorBench defense class: drop-in for `defense/<name>.py` scripts, and an entry point.
+"""Any native defense of the registry as a BackdoorBench defense class: drop-in `defense/<name>.py` scripts.
 
-    parser = argparse.ArgumentParser(); d3.add_arguments(parser); args = parser.parse_args()
-    d3(args).defense(args.result_file)     # from a BackdoorBench checkout root
+    cls = defense_class("fst")                 # or: from d3_plugin.backdoorbench.defense import d3
+    parser = argparse.ArgumentParser(); cls.add_arguments(parser); args = parser.parse_args()
+    cls(args).defense(args.result_file)        # from a BackdoorBench checkout root
 
-The class follows BackdoorBench's defense interface (add_arguments, __init__(args), set_result,
-set_logger, set_trainer, mitigation, defense) and subclasses its `defense.base.defense` when that is
-importable. It reads only `self.args`. The algorithm is `d3_plugin.d3.detoxify`; this module only maps
-BackdoorBench's settings onto `D3Config`, feeds it the reserved clean set, and writes BackdoorBench's
-result files: record/<attack>/defense/d3/{defense_result.pt, d3_df.csv, d3_df_summary.csv,
-acc_like_metric_plots.png, loss_metric_plots.png, d3_summary.json, log/index.txt, log/<time>.log}.
+The class follows BackdoorBench's defense interface (add_arguments, __init__(args), set_result, set_logger,
+set_trainer, mitigation, defense) and subclasses its `defense.base.defense` when a checkout's is
+importable (looked up only when a class is built). It reads only `self.args`. It runs the entry's defend
+function on the reserved clean set (`d3_plugin.bench`) and writes BackdoorBench's result files:
+record/<attack>/defense/<name>/{defense_result.pt, <name>_df.csv, <name>_df_summary.csv,
+acc_like_metric_plots.png, loss_metric_plots.png, <name>_summary.json, log/index.txt, log/<time>.log}.
 
-Speed settings (defaults in `D3Config`):
-- precision (`--precision auto|bf16|fp16|fp32`, default auto; `d3_plugin.precision`). BackdoorBench's
-  `--amp True` means auto (mixed precision where the device has it), `--amp False` means fp32.
-  `--precision` beats `--amp`, and the command line beats the YAML: command-line precision, then
-  command-line amp, then YAML precision, then YAML amp, then the default auto.
-- `--eval_every N` (default 1): evaluate ACC/ASR/RA after every N-th epoch and always after the last.
-  d3_df.csv keeps one row per epoch; a skipped epoch's row carries its training loss only (its test
-  columns are empty cells), so `last` in d3_df_summary.csv is the last epoch's evaluation and
-  `valid_max` the best evaluated value. Checkpoints (`frequency_save`) are written at evaluated epochs,
-  so frequency_save must be a multiple of eval_every.
-- `--eval_batch_size` (default 512): batch size of the test-set passes (before, every evaluated epoch).
+Options: BackdoorBench's standard ones (`STANDARD`), one per field of the defense's config dataclass
+(`--<field>`, plus the BackdoorBench names the registration declares as aliases, e.g. D3's `--lmd`), and
+`--preset` for defenses with presets. Every option defaults to None, so the YAML decides what the command
+line does not; the settings are merged by `registry.settings` (config defaults < preset < architecture <
+dataset < YAML < command line). `epochs` sets every budget field of the config (`registry.budget_fields`).
+
+Run settings, for every defense: `--precision auto|bf16|fp16|fp32` (evaluation, and training where the
+config has a `precision` field; BackdoorBench's `--amp True` = auto, `--amp False` = fp32; the command line
+beats the YAML, and within each `precision` beats `amp`), `--eval_every N` (evaluate after every N-th epoch
+and the last; a skipped epoch's CSV row keeps its training loss, test columns empty; `frequency_save` must
+be a multiple of it), `--eval_batch_size`.
 """
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import contextlib
 import logging
+import re
 import sys
 import time
+import typing
 from pathlib import Path
 from pprint import pformat
-from typing import Dict, List, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Optional
 
-import torch
-import yaml
-
-from .. import __version__
-from ..d3 import PRESETS, D3Config, detoxify
-from ..errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, one_line
-from ..data import Loader
+from .. import __version__, registry
+from ..bench import bench_from_record
 from ..data.readers import dataset_spec
-from ..evaluation import defense_effectiveness_rate, evaluate
-from ..models import default_layers
+from ..errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, one_line
+from ..evaluation import defense_effectiveness_rate
 from ..precision import PRECISIONS, resolve_precision
-from ..training import resolve_device, seed_everything
+from ..shipped import shipped_folder
+from ..training import due, resolve_device
 from . import outputs
-from .records import (align_state_dict, load_attack_result, load_model_checkpoint, model_from_record,
-                      write_defense_result)
-from .reserved import reserved_indices
+from .records import align_state_dict, load_attack_result, load_model_checkpoint, model_from_record, write_defense_result
 
-try:  # inside a BackdoorBench checkout (cwd on sys.path) subclass its stub base class
-    from defense.base import defense as _BackdoorBenchDefense
-    if not isinstance(_BackdoorBenchDefense, type):
-        raise ImportError
-except Exception:  # noqa: BLE001 - any failure just means "not in a BackdoorBench checkout"
-    _BackdoorBenchDefense = object
-
-NAME = "d3"
-DEFAULT_YAML = "./config/defense/d3/config.yaml"
 LOG_FORMAT = "%(asctime)s [%(levelname)-8s] [%(filename)s:%(lineno)d] %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d:%H:%M:%S"
 logger = logging.getLogger("d3_plugin.backdoorbench")
 
+# BackdoorBench's standard options: name → (type, help). Those naming a config field (epochs, lr, ...) set it.
+STANDARD = {
+    "device": (str, "auto (cuda when present), cpu, cuda, cuda:N"),
+    "pin_memory": ("flag", "accepted for compatibility (tensor loader)"),
+    "non_blocking": ("flag", "accepted for compatibility"),
+    "prefetch": ("flag", "accepted for compatibility"),
+    "amp": ("flag", "True: mixed precision (= --precision auto); False: fp32 unless --precision says otherwise"),
+    "precision": (str, f"{' | '.join(PRECISIONS)} (default auto: bf16 on CPUs with native bf16 and bf16 GPUs, "
+                       "fp16 on older GPUs, else fp32); beats --amp"),
+    "eval_every": (int, "evaluate every N epochs and after the last (default 1: every epoch)"),
+    "eval_batch_size": (int, "batch size of test-set evaluation (default 512)"),
+    "checkpoint_load": (str, "model checkpoint to purify instead of the record's model"),
+    "checkpoint_save": (str, "folder for per-epoch checkpoints (default save_path/checkpoint)"),
+    "log": (str, "folder for the log and index.txt (default save_path/log)"),
+    "resume": ("flag", "True: continue a killed run from its last finished epoch (defenses that checkpoint)"),
+    "dataset_path": (str, "BackdoorBench's data folder (informational; see --data_root)"),
+    "data_root": (str, "dataset folder to use instead of the record's data_path"),
+    "dataset": (str, "mnist, cifar10, cifar100, gtsrb, tiny, fashion_mnist (must match the record)"),
+    "result_file": (str, "attack folder under ./record, or a path to a record folder"),
+    "epochs": (int, "training budget: sets the defense's epoch-like fields"),
+    "batch_size": (int, None),
+    "num_workers": (float, "accepted for compatibility"),
+    "lr": (float, None),
+    "lr_scheduler": (str, "accepted for compatibility"),
+    "model": (str, "must match the record's model_name"),
+    "client_optimizer": (str, "accepted for compatibility"),
+    "sgd_momentum": (float, "momentum of sgd"),
+    "wd": (float, "weight decay of sgd"),
+    "frequency_save": (int, "save a checkpoint every N epochs, 0 is never"),
+    "random_seed": (int, "seeds the reserved-set draw, the defense and shuffling"),
+    "ratio": (float, "fraction of the clean training set reserved for the defense"),
+    "index": (str, "file of reserved-set indices (overrides --ratio)"),
+}
+GENERIC_ALIASES = {"sgd_momentum": "momentum", "wd": "weight_decay"}  # BackdoorBench name → config field
+RUN_KEYS = ("random_seed", "precision", "amp", "eval_every", "eval_batch_size")  # set by the adapter itself
+STANDARD_YAML = "backdoorbench.yaml"  # in the shipped configs/: the run defaults, one place
+
+
+def standard_settings() -> Dict[str, Any]:
+    """The run defaults (configs/backdoorbench.yaml), under every YAML file and command line."""
+    return read_yaml(shipped_folder("configs") / STANDARD_YAML)
+
 
 def _flag(text) -> bool:
     """BackdoorBench's boolean options: True/true/1 are true, anything else false."""
-    return str(text) in ("True", "true", "1")
+    return text if isinstance(text, bool) else str(text) in ("True", "true", "1")
 
 
-def _as_bool(value) -> bool:
-    return value if isinstance(value, bool) else _flag(value)
+def converter(hint) -> Callable[[Any], Any]:
+    """A function turning a command-line string (or a YAML value) into a value of the type `hint`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return converter(args[0])
+    if hint is bool:
+        return _flag
+    if hint in (int, float, str):
+        def scalar(value):
+            return value if isinstance(value, hint) and not isinstance(value, bool) else hint(value)
+        scalar.__name__ = hint.__name__  # argparse names it in "invalid int value"
+        return scalar
+    if typing.get_origin(hint) in (list, tuple, collections.abc.Sequence):
+        item = converter(args[0]) if args else str
+
+        def sequence(value):  # "a,b" on the command line, a list in YAML
+            parts = value.split(",") if isinstance(value, str) else value
+            return [item(v.strip() if isinstance(v, str) else v) for v in parts if not (isinstance(v, str) and not v.strip())]
+        sequence.__name__ = "comma-separated list"
+        return sequence
+    return lambda value: value
 
 
-def _positive(option: str):
-    """A converter to a positive int whose error names the option."""
-    def convert(value) -> int:
-        try:
-            number = int(value)
-            if number != float(value) or number < 1 or isinstance(value, bool):
-                raise ValueError
-        except (TypeError, ValueError):
-            raise ValueError(f"--{option} must be a positive integer, got {value!r}; pass e.g. --{option} 1") from None
-        return number
-    return convert
+def _positive(option: str, value) -> int:
+    try:
+        number = int(value)
+        if isinstance(value, bool) or number != float(value) or number < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"--{option} must be a positive integer, got {value!r}; pass e.g. --{option} 1") from None
+    return number
 
 
-def read_yaml(path) -> dict:
+def read_yaml(path, name: str = "<name>") -> dict:
     """A defense config file as a dict; one-line errors for a missing or malformed file."""
+    import yaml
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; pass --yaml_path (e.g. "
-                                f"./config/defense/d3/cifar10.yaml after `d3-plugin install .`)")
+                                f"./config/defense/{name}/cifar10.yaml after `d3-plugin install .`)")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -114,7 +163,7 @@ def record_location(result_file: str) -> Path:
 
 
 @contextlib.contextmanager
-def one_line_errors(program: str = "d3"):
+def one_line_errors(program: str):
     """Turn input errors into one line on stderr and exit status 2, Ctrl-C into one line and 130 (for scripts)."""
     try:
         yield
@@ -126,90 +175,144 @@ def one_line_errors(program: str = "d3"):
         sys.exit(INTERRUPTED_STATUS)
 
 
-class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense classes after their scripts
-    """D3 with BackdoorBench's defense interface (see the module docstring)."""
+class BackdoorBenchDefense:
+    """The generic BackdoorBench defense class; `defense_class(name)` binds it to a registry entry."""
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
+    entry: ClassVar[registry.Entry]
+    NAME: ClassVar[str]  # the script's name: output folder and file prefix
+
+    # --- options ------------------------------------------------------------------------------------
+    @classmethod
+    def field_options(cls) -> Dict[str, List[str]]:
+        """Config field → its option names (the field's own, unless a standard option, and its aliases)."""
+        aliases = {**GENERIC_ALIASES, **cls.entry.aliases}
+        options = {}
+        for field in registry.field_names(cls.entry.config):
+            names = [] if field in STANDARD or field in ("seed", "precision") else [field]
+            names += [alias for alias, target in aliases.items() if target == field and alias not in STANDARD]
+            if names:
+                options[field] = names
+        return options
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Every option defaults to None (so the YAML decides) except --yaml_path."""
-        add = parser.add_argument
-        add("--device", type=str, help="auto (cuda when present), cpu, cuda, cuda:N")
-        add("-pm", "--pin_memory", type=_flag, help="accepted for compatibility (tensor loader)")
-        add("-nb", "--non_blocking", type=_flag, help="accepted for compatibility")
-        add("-pf", "--prefetch", type=_flag, help="accepted for compatibility")
-        add("--amp", type=_flag, help="True: mixed precision (= --precision auto); False: fp32 unless --precision "
-            "says otherwise")
-        add("--precision", type=str, help=f"{' | '.join(PRECISIONS)} (default auto: bf16 on CPUs with native "
-            "bf16 and bf16 GPUs, fp16 on older GPUs, else fp32); beats --amp")
-        add("--eval_every", type=int, help="evaluate every N epochs and after the last (default 1: every epoch)")
-        add("--eval_batch_size", type=int, help="batch size of test-set evaluation (default 512)")
-        add("--checkpoint_load", type=str, help="model checkpoint to purify instead of the record's model")
-        add("--checkpoint_save", type=str, help="folder for per-epoch checkpoints (default save_path/checkpoint)")
-        add("--log", type=str, help="folder for the log and index.txt (default save_path/log)")
-        add("--dataset_path", type=str, help="BackdoorBench's data folder (informational; see --data_root)")
-        add("--data_root", type=str, help="dataset folder to use instead of the record's data_path")
-        add("--dataset", type=str, help="mnist, cifar10, cifar100, gtsrb, tiny, fashion_mnist (must match the record)")
-        add("--result_file", type=str, help="attack folder under ./record, or a path to a record folder")
-        add("--epochs", type=int)
-        add("--batch_size", type=int)
-        add("--num_workers", type=float, help="accepted for compatibility")
-        add("--lr", type=float)
-        add("--lr_scheduler", type=str, help="CosineAnnealingLR (the only schedule D3 uses)")
-        add("--model", type=str, help="must match the record's model_name")
-        add("--client_optimizer", type=str, help="sgd (the only optimizer D3 uses)")
-        add("--sgd_momentum", type=float)
-        add("--wd", type=float, help="weight decay of sgd")
-        add("--frequency_save", type=int, help="save a checkpoint every N epochs, 0 is never")
-        add("--random_seed", type=int, help="seeds the reserved-set draw, warm start and shuffling")
-        add("--yaml_path", type=str, default=DEFAULT_YAML, help="the config file")
-        add("--ratio", type=float, help="fraction of the clean training set reserved for the defense")
-        add("--index", type=str, help="file of reserved-set indices (overrides --ratio)")
-        add("--preset", type=str, help="default | paper: the paper's λ 10 and θs (the classifier head) as "
-            "defaults; values set in the YAML or on the command line still win")
-        add("--lmd", "--lam", dest="lmd", type=float, help="λ, weight of the clean-loss hinge (default 1; paper 10)")
-        add("--eps", type=float, help="ε, the clean-loss threshold of the hinge")
-        add("--Lp", type=float, help="norm of the distance; only 2 (Frobenius) is supported")
-        add("--warm_up_method", type=str, help="near | middle | far | noise | random")
-        add("--select_layer_name", type=str, help="module(s) whose weights D3 moves, comma-separated "
-            "(default: the architecture's, e.g. layer3,layer4,linear; paper: linear)")
-        add("--hinge", type=str, help="sample (mean of per-sample hinges) | batch (hinge of the mean)")
-        add("--normalize", type=_flag, help="divide the loss by λ+1 when λ > 1")
-        add("--train_mode", type=_flag, help="update BN statistics while training (True) or freeze them")
+        for name, (kind, text) in STANDARD.items():
+            parser.add_argument(f"--{name}", type=_flag if kind == "flag" else kind, help=text)
+        parser.add_argument("--yaml_path", type=str, default=f"./config/defense/{cls.NAME}/config.yaml",
+                            help="the config file (empty: the defaults only)")
+        if cls.entry.presets:
+            parser.add_argument("--preset", type=str, help=f"{' | '.join(cls.entry.presets)}: which defaults "
+                                "unset values take (values set in the YAML or here win)")
+        hints = registry.type_hints(cls.entry.config) if cls.entry.config else {}
+        for field, names in cls.field_options().items():
+            parser.add_argument(*[f"--{n}" for n in names], dest=field, type=converter(hints.get(field)),
+                                help=f"{cls.entry.name} {field} ({_type_name(hints.get(field))})")
 
+    # --- settings -----------------------------------------------------------------------------------
     def __init__(self, args: argparse.Namespace):
-        settings = read_yaml(args.yaml_path)
-        self.cli_keys = {k for k, v in vars(args).items() if v is not None and k != "yaml_path"}
-        settings.update({k: v for k, v in vars(args).items() if v is not None})
-        args.__dict__ = settings
+        self.yaml_values = {**standard_settings(), **(read_yaml(args.yaml_path, self.NAME) if args.yaml_path else {})}
+        self.cli_values = {k: v for k, v in vars(args).items() if v is not None and k != "yaml_path"}
+        self.cli_keys = set(self.cli_values)
+        args.__dict__ = {**vars(args), **self.yaml_values, **self.cli_values}  # None: not set anywhere
         args.terminal_info = sys.argv
         self.args = args
         self.result = None
-        self._describe_dataset(args.dataset if getattr(args, "dataset", None) else None)
-        self.d3_config()  # bad settings fail here, in one line, before any data is read
+        self._describe_dataset(getattr(args, "dataset", None))
+        self.config = self.build_config()  # bad settings fail here, in one line, before any data is read
         if getattr(args, "result_file", None):
             self.set_result(args.result_file)
 
+    def _config_values(self, source: Dict[str, Any]) -> Dict[str, Any]:
+        """YAML or command-line settings → config fields (aliases resolved, types converted, `epochs` spread
+        over the budget fields)."""
+        entry, values = self.entry, {}
+        aliases = {**GENERIC_ALIASES, **entry.aliases}
+        hints = registry.type_hints(entry.config) if entry.config else {}
+        if source.get("epochs") is not None:
+            values.update({f: source["epochs"] for f in registry.budget_fields(entry.config)})
+        for key, value in source.items():
+            field = aliases.get(key, key)
+            if key in RUN_KEYS or field not in hints or value is None or value == "":
+                continue
+            try:
+                values[field] = converter(hints[field])(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{key}={value!r} is not a valid {_type_name(hints[field])}") from None
+        return values
+
+    def run_settings(self) -> Dict[str, Any]:
+        """Seed, precision and evaluation settings (checked here), offered to configs that have such fields."""
+        get = lambda key: getattr(self.args, key, None)  # noqa: E731
+        return {"seed": int(get("random_seed") or 0), "precision": self.precision_setting(),
+                "eval_every": _positive("eval_every", get("eval_every")) if get("eval_every") is not None else None,
+                "eval_batch_size": _positive("eval_batch_size", get("eval_batch_size"))
+                if get("eval_batch_size") is not None else None}
+
+    def build_config(self):
+        """The defense's config from the settings; one-line errors for unsupported or invalid values."""
+        args, entry = self.args, self.entry
+        for key, allowed in entry.fixed.items():
+            value = getattr(args, key, None)
+            if value is not None and value != "" and value not in allowed:
+                raise ValueError(f"{key}={value!r} is not supported by {entry.name}; set {key}: {allowed[0]}")
+        run = self.run_settings()
+        preset = getattr(args, "preset", None) or None
+        dataset = _known_dataset(getattr(args, "dataset", None))
+        values = registry.settings(entry, dataset=dataset, model=getattr(args, "model", None), preset=preset,
+                                   layers=[self._config_values(self.yaml_values), self._config_values(self.cli_values),
+                                           registry.applicable(entry, run)])
+        config = registry.make_config(entry, values)
+        self._check_harness(config, run)
+        return config
+
+    def _check_harness(self, config, run) -> None:
+        frequency = int(getattr(self.args, "frequency_save", None) or 0)
+        if frequency < 0:
+            raise ValueError(f"frequency_save must be ≥ 0 (0 is never), got {frequency}")
+        ratio = getattr(self.args, "ratio", None)
+        if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < float(ratio) <= 1):
+            raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}; e.g. --ratio 0.05")
+        if _flag(getattr(self.args, "resume", False)) and not takes_checkpoint(self.entry.run):
+            raise ValueError(f"{self.entry.name} cannot resume a killed run (it keeps no epoch checkpoint); "
+                             f"drop --resume")
+        every = run["eval_every"] or 1
+        if frequency and frequency % every:
+            raise ValueError(f"frequency_save {frequency} is not a multiple of eval_every {every} "
+                             f"(checkpoints are written at evaluated epochs); make it one")
+
+    def precision_setting(self) -> Optional[str]:
+        """--precision or --amp → a precision name (None: the default). The command line beats the YAML, and
+        within each precision beats amp; amp True → auto, amp False → fp32."""
+        for from_command_line in (True, False):
+            for key in ("precision", "amp"):
+                value = getattr(self.args, key, None)
+                if value is None or value == "" or (key in self.cli_keys) != from_command_line:
+                    continue
+                if key == "precision":
+                    return str(value)
+                return "auto" if _flag(value) else "fp32"
+        return None
+
     def _describe_dataset(self, name: Optional[str], img_size=None) -> None:
         """BackdoorBench's derived settings: num_classes, input_height/width/channel, img_size."""
-        if name is None:
-            return
-        try:
-            spec = dataset_spec(name)
-        except ValueError:
+        if _known_dataset(name) is None:
             return  # judged against the record in set_result
+        spec = dataset_spec(name)
         size = tuple(img_size) if img_size is not None else (spec.size, spec.size, spec.channels)
         self.args.num_classes = spec.num_classes
         self.args.input_height, self.args.input_width, self.args.input_channel = size
         self.args.img_size = size
 
+    # --- BackdoorBench's interface --------------------------------------------------------------------
     def set_result(self, result_file: str) -> None:
-        """Load record/<result_file>/attack_result.pt and prepare record/<result_file>/defense/d3/."""
+        """Load record/<result_file>/attack_result.pt and prepare record/<result_file>/defense/<name>/."""
         folder = record_location(result_file)
         if self.result is not None and Path(self.result.folder).resolve() == folder.resolve():
             return  # already loaded (BackdoorBench calls set_result from __init__ and from defense)
         record = load_attack_result(folder, data_root=getattr(self.args, "data_root", None))
         self._agree_with(record)
-        final = Path(record.folder) / "defense" / NAME
+        final = Path(record.folder) / "defense" / self.NAME
         outputs.ensure_writable(final.parent)
         self.staged = outputs.StagedFolder(final)  # the run builds aside; _write swaps it in whole
         staging, args = self.staged.staging, self.args
@@ -221,6 +324,7 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         for folder_path in (staging, args.checkpoint_save, args.log):
             outputs.ensure_writable(folder_path)
         self.result = record
+        self.config = self.build_config()  # with the record's dataset and architecture
 
     def _agree_with(self, record) -> None:
         """The record decides model and dataset; a different one named on the command line is an error."""
@@ -251,69 +355,13 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         self.log_file = log_file
         logger.info(pformat(self.args.__dict__))
 
-    def d3_config(self) -> D3Config:
-        """BackdoorBench/authors' setting names → D3Config (unset ones keep D3Config's defaults)."""
-        args = self.args
-        self._supported("Lp", (2, 2.0), "D3 measures distance with the Frobenius norm; set Lp: 2")
-        self._supported("client_optimizer", ("sgd",), "D3 uses SGD; set client_optimizer: sgd")
-        self._supported("lr_scheduler", ("CosineAnnealingLR",), "D3 uses a cosine schedule; set "
-                        "lr_scheduler: CosineAnnealingLR")
-        get = lambda key: getattr(args, key, None)  # noqa: E731
-        layers = get("select_layer_name")
-        if isinstance(layers, str):
-            layers = [name.strip() for name in layers.split(",") if name.strip()]
-        values = {"lam": get("lmd") if get("lmd") is not None else get("lam"), "eps": get("eps"),
-                  "hinge": get("hinge"), "normalize": get("normalize"), "warm_start": get("warm_up_method"),
-                  "epochs": get("epochs"), "lr": get("lr"), "momentum": get("sgd_momentum"),
-                  "weight_decay": get("wd"), "batch_size": get("batch_size"), "bn_train": get("train_mode"),
-                  "seed": get("random_seed"), "precision": self.precision_setting(),
-                  "eval_every": get("eval_every"), "eval_batch_size": get("eval_batch_size")}
-        types = {"lam": float, "eps": float, "lr": float, "momentum": float, "weight_decay": float,
-                 "epochs": int, "batch_size": int, "seed": int, "normalize": _as_bool, "bn_train": _as_bool,
-                 "eval_every": _positive("eval_every"), "eval_batch_size": _positive("eval_batch_size")}
-        preset = str(get("preset") or "default")
-        if preset not in PRESETS:
-            raise ValueError(f"preset {preset!r} is unknown; use {' or '.join(PRESETS)}")
-        values = {**PRESETS[preset], **{k: types.get(k, str)(v) for k, v in values.items() if v is not None}}
-        values["layers"] = layers or default_layers(getattr(args, "model", None), preset)
-        config = D3Config(**values)
-        frequency = int(get("frequency_save") or 0)
-        if frequency < 0:
-            raise ValueError(f"frequency_save must be ≥ 0 (0 is never), got {frequency}")
-        ratio = get("ratio")
-        if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < float(ratio) <= 1):
-            raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}; e.g. --ratio 0.05")
-        if frequency and frequency % config.eval_every:
-            raise ValueError(f"frequency_save {frequency} is not a multiple of eval_every {config.eval_every} "
-                             f"(checkpoints are written at evaluated epochs); make it one")
-        return config
-
-    def precision_setting(self) -> Optional[str]:
-        """--precision or --amp → a precision name (None: D3Config's default). The command line beats
-        the YAML, and within each precision beats amp; amp True → auto, amp False → fp32."""
-        args = self.args
-        for from_command_line in (True, False):
-            for key in ("precision", "amp"):
-                value = getattr(args, key, None)
-                if value is None or value == "" or (key in self.cli_keys) != from_command_line:
-                    continue
-                if key == "precision":
-                    return str(value)  # D3Config checks it
-                return "auto" if _as_bool(value) else "fp32"
-        return None
-
-    def _supported(self, key: str, allowed: tuple, fix: str) -> None:
-        value = getattr(self.args, key, None)
-        if value is not None and value not in allowed:
-            raise ValueError(f"{key}={value!r} is not supported; {fix}")
-
     def set_trainer(self, model) -> None:
-        """Bind the model and its D3Config; `self.trainer(batches, on_epoch=)` runs detoxify."""
+        """Bind the model and the defense; `self.trainer(batches, on_epoch=)` runs it."""
         self.model = model
-        self.config = self.d3_config()
+        self.runnable = registry.Defense(self.entry, self.config)
 
-        def trainer(batches, on_epoch=None):
-            return detoxify(self.model, batches, self.config, on_epoch=on_epoch, progress="d3")
+        def trainer(batches, on_epoch=None, **extra):
+            return self.runnable(self.model, batches, on_epoch=on_epoch, progress=self.NAME, **extra)
         self.trainer = trainer
 
     def _device(self):
@@ -336,76 +384,101 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         return model
 
     def mitigation(self) -> Dict:
-        """Purify the record's model with D3 on the reserved clean set; write every result file."""
-        args, record = self.args, self.result
+        """Purify the record's model on the reserved clean set; write every result file."""
+        args, record, entry = self.args, self.result, self.entry
         if record is None:
             raise ValueError("no attack result loaded; pass --result_file")
+        if entry.data == "poisoned":
+            raise ValueError(f"{entry.name} needs poisoned training data, which this adapter does not pass")
         started = time.time()
         device = self._device()
-        seed = int(getattr(args, "random_seed", None) or 0)
-        seed_everything(seed)
-        self.set_trainer(self._load_model().to(device))
-        index = reserved_indices(len(record.clean_train), getattr(args, "ratio", None),
-                                 getattr(args, "index", None), seed)
-        config = self.config
-        reserved = Loader(record.clean_train.subset(index), record.spec, config.batch_size, train=True,
-                          device=device, seed=seed)
-        clean_test = Loader(record.clean_test, record.spec, config.eval_batch_size, device=device)
-        bd_test = Loader(poisoned_only(record.bd_test), record.spec, config.eval_batch_size, device=device)
-        self.precision = resolve_precision(config.precision, device, model=self.model,
-                                           channels_last=config.channels_last)
-        logger.info("D3 on %s (%s, %s) with %d reserved samples on %s in %s%s; config %s", record.folder,
+        run = self.run_settings()
+        model = self._load_model()
+        self.precision = resolve_precision(run["precision"] or "auto", device, model=model,
+                                           channels_last=getattr(self.config, "channels_last", None))
+        bench = bench_from_record(record, ratio=getattr(args, "ratio", None), seed=run["seed"], device=device,
+                                  index_file=getattr(args, "index", None), model=model, data=entry.data,
+                                  eval_batch_size=run["eval_batch_size"] or 512, precision=self.precision)
+        self.set_trainer(bench.model)
+        index = [] if bench.reserved is None else bench.reserved.source_index.tolist()
+        logger.info("%s on %s (%s, %s) with %d reserved samples on %s in %s%s; config %s", entry.name, record.folder,
                     args.model, record.dataset, len(index), device, self.precision.name,
-                    " (channels_last)" if self.precision.channels_last else "", config.to_dict())
-
-        before = evaluate(self.model, clean_test, bd_test, precision=self.precision)
+                    " (channels_last)" if self.precision.channels_last else "", registry.Defense(entry, self.config).config_dict())
+        loaders = bench.test_loaders()
+        before = bench.evaluate(bench.model, loaders)
         logger.info("before: %s", _rounded(before))
-        purified, history = self.trainer(reserved, on_epoch=self._on_epoch(clean_test, bd_test))
-        after = _metrics(history[-1]) if history else before  # the last epoch's evaluation
+        purified, history, _ = bench.run(self.runnable, on_epoch=self._on_epoch(bench, loaders, run),
+                                         **self._resume_point())
+        after = _metrics(history[-1]) if history and "acc" in history[-1] else before
         logger.info("after: %s", _rounded(after))
         summary = self._summary(before, after, history, index, device, time.time() - started)
         self._write(purified, history, index, summary)
         return {"model": purified, "before": before, "after": after, "history": history, "summary": summary}
 
-    def _on_epoch(self, clean_test, bd_test):
+    def _on_epoch(self, bench, loaders, run):
         frequency = int(getattr(self.args, "frequency_save", None) or 0)
+        every = run["eval_every"] or 1
+        budget = [getattr(self.config, f) for f in registry.budget_fields(self.entry.config)]
+        total = budget[-1] if budget and isinstance(budget[-1], int) else None
 
-        def on_epoch(epoch: int, model) -> Dict[str, float]:  # detoxify calls it on evaluated epochs
-            metrics = evaluate(model, clean_test, bd_test, precision=self.precision)
+        def on_epoch(epoch: int, model) -> Dict[str, float]:
+            if total is not None and not due(epoch, total, every):
+                return {}
+            metrics = bench.evaluate(model, loaders)
             logger.info("epoch %d: %s", epoch - 1, _rounded(metrics))
             if frequency and epoch % frequency == 0:
-                write_defense_result(Path(self.args.checkpoint_save) / f"{NAME}_epoch_{epoch - 1}.pt",
-                                     self.args.model, self.args.num_classes, _cpu_state(model))
+                write_defense_result(Path(self.args.checkpoint_save) / f"{self.NAME}_epoch_{epoch - 1}.pt",
+                                     self.args.model, self.args.num_classes, model.state_dict())
             return metrics
         return on_epoch
+
+    def resume_file(self) -> Path:
+        """Where a run keeps its epoch checkpoint: beside the result folder, outside the staged run."""
+        return Path(self.staged.final).parent / f".{self.NAME}.resume.pt"
+
+    def _resume_point(self) -> Dict[str, Any]:
+        """{checkpoint: path} for defenses that checkpoint every epoch (a fresh run first drops an old one)."""
+        if not takes_checkpoint(self.entry.run):
+            return {}
+        path = self.resume_file()
+        if path.exists() and not _flag(getattr(self.args, "resume", False)):
+            path.unlink()
+            logger.info("started over: removed the checkpoint of an earlier unfinished run (pass --resume to continue one)")
+        elif path.exists():
+            logger.info("resuming from %s", path)
+        return {"checkpoint": path}
 
     def _summary(self, before, after, history, index, device, seconds) -> Dict:
         args = self.args
         keys = ("acc", "asr", "ra")
-        return {"defense": NAME, "d3_plugin_version": __version__, "record": str(self.result.folder),
-                "model": args.model, "dataset": args.dataset, "device": str(device),
-                "precision": self.precision.name, "channels_last": self.precision.channels_last,
+        return {"defense": self.entry.name, "script": self.NAME, "d3_plugin_version": __version__,
+                "record": str(self.result.folder), "model": args.model, "dataset": args.dataset,
+                "device": str(device), "precision": self.precision.name,
+                "channels_last": self.precision.channels_last,
                 "reserved": {"size": len(index), "ratio": getattr(args, "ratio", None),
-                             "index_file": getattr(args, "index", None), "random_seed": args.random_seed
-                             if getattr(args, "random_seed", None) is not None else 0},
+                             "index_file": getattr(args, "index", None),
+                             "random_seed": int(getattr(args, "random_seed", None) or 0)},
                 "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
                 "der": defense_effectiveness_rate(before["acc"], before["asr"], after["acc"], after["asr"]),
-                "config": self.config.to_dict(), "seconds": round(seconds, 2), "history": history}
+                "config": registry.Defense(self.entry, self.config).config_dict(), "seconds": round(seconds, 2),
+                "history": history}
 
     def _write(self, purified, history, index, summary) -> None:
         """All result files into the staging folder, then the folder swapped in whole (files.StagedFolder):
-        record/<attack>/defense/d3/ holds one complete run or none, never a mix of two."""
-        save = Path(self.args.save_path)
-        rows = [epoch_row(h) for h in history]
-        write_defense_result(save / "defense_result.pt", self.args.model, self.args.num_classes,
-                             _cpu_state(purified))
-        outputs.write_metric_table(save / f"{NAME}_df.csv", rows)
-        outputs.write_summary_table(save / f"{NAME}_df_summary.csv", rows)
+        record/<attack>/defense/<name>/ holds one complete run or none, never a mix of two."""
+        save, name = Path(self.args.save_path), self.NAME
+        rows = [outputs.epoch_row(h) for h in history]
+        write_defense_result(save / "defense_result.pt", self.args.model, self.args.num_classes, purified.state_dict())
+        outputs.write_metric_table(save / f"{name}_df.csv", rows)
+        outputs.write_summary_table(save / f"{name}_df_summary.csv", rows)
         if rows:
             outputs.plot_metrics(save, rows)
-        outputs.write_index(Path(self.args.log) / "index.txt", index)
-        outputs.write_json(save / f"{NAME}_summary.json", summary)
+        if self.entry.data != "none":
+            outputs.write_index(Path(self.args.log) / "index.txt", index)
+        outputs.write_json(save / f"{name}_summary.json", summary)
         final = self.staged.publish()
+        if self.resume_file().exists():
+            self.resume_file().unlink()  # the run is whole: nothing left to resume
         self.args.save_path = f"{final}/"
         for key, sub in self.default_folders.items():
             setattr(self.args, key, f"{final}/{sub}/")
@@ -416,51 +489,88 @@ class d3(_BackdoorBenchDefense):  # noqa: N801 - BackdoorBench names defense cla
         self.set_logger()
         try:
             return self.mitigation()
-        except BaseException as error:  # Ctrl-C too: logged, and d3/ keeps the previous complete run
+        except BaseException as error:  # Ctrl-C too: logged, and the folder keeps the previous complete run
             logger.error("%s: %s; %s keeps its previous results, this run's log is in %s",
                          type(error).__name__, str(error) or "interrupted", self.staged.final, self.args.log)
             raise
 
 
-def poisoned_only(bd_test):
-    """The poisoned samples of a backdoor test set (ASR and RA are measured on these only)."""
-    keep = torch.nonzero(bd_test.poisoned).flatten()
-    if len(keep) == 0:
-        raise ValueError("the record's poisoned test set holds no poisoned sample; ASR cannot be measured, "
-                         "re-create the attack record")
-    return bd_test if len(keep) == len(bd_test) else bd_test.subset(keep)
+def takes_checkpoint(function) -> bool:
+    """Whether a defend function keeps an epoch checkpoint it can resume from (a `checkpoint` keyword)."""
+    import inspect
+    return function is not None and "checkpoint" in inspect.signature(function).parameters
 
 
-def epoch_row(history_row: Dict[str, float]) -> Dict[str, float]:
-    """A history row of detoxify → BackdoorBench's per-epoch columns (epoch counted from 0). An epoch
-    that was not evaluated (--eval_every) keeps its training loss; its test columns are None (empty)."""
-    evaluated = "acc" in history_row  # else "clean_loss" is D3's training clean loss, not the test loss
-    test = history_row.get if evaluated else (lambda key: None)
-    return {"epoch": int(history_row["epoch"]) - 1,
-            "train_epoch_loss_avg_over_batch": history_row.get("loss"),
-            "clean_test_loss_avg_over_batch": test("clean_loss"),
-            "bd_test_loss_avg_over_batch": test("bd_loss"),
-            "test_acc": test("acc"), "test_asr": test("asr"), "test_ra": test("ra")}
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _known_dataset(name: Optional[str]) -> Optional[str]:
+    try:
+        return dataset_spec(name).name if name else None
+    except ValueError:
+        return None
 
 
 def _metrics(row: Dict[str, float]) -> Dict[str, float]:
     return {k: row[k] for k in ("acc", "asr", "ra", "clean_loss", "bd_loss") if k in row}
 
 
-def _cpu_state(model) -> Dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 def _rounded(metrics: Dict[str, float]) -> Dict[str, float]:
     return {k: round(v, 4) for k, v in metrics.items()}
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
-    """BackdoorBench's standard `__main__` for this class (what the installed defense/d3.py runs)."""
-    parser = argparse.ArgumentParser(description="D3 (Distance-Driven Detoxification) backdoor defense")
-    d3.add_arguments(parser)
+def _backdoorbench_base() -> type:
+    """BackdoorBench's `defense.base.defense` when a checkout's is importable, else object (looked up only
+    when a class is built, i.e. when a defense script runs)."""
+    try:
+        from defense.base import defense as base  # the checkout root is on sys.path in its scripts
+        return base if isinstance(base, type) else object
+    except Exception:  # noqa: BLE001 - any failure just means "not in a BackdoorBench checkout"
+        return object
+
+
+_CLASSES: Dict[tuple, type] = {}
+
+
+def class_name(script: str) -> str:
+    """BackdoorBench names a defense class after its script; ours: the script name as an identifier."""
+    return re.sub(r"\W", "_", script)
+
+
+def defense_class(name: str, script: Optional[str] = None) -> type:
+    """The BackdoorBench defense class of the registry entry `name`, writing under defense/<script>/."""
+    entry = registry.get(name)
+    if entry.where != "native":
+        raise ValueError(f"{entry.name} has no native implementation to run as a BackdoorBench defense "
+                         f"({entry.where}); see `d3-plugin list`")
+    script = script or entry.name
+    key = (entry.name, script)
+    if key not in _CLASSES:
+        bases = (BackdoorBenchDefense,) + ((_backdoorbench_base(),) if _backdoorbench_base() is not object else ())
+        _CLASSES[key] = type(class_name(script), bases, {
+            "entry": entry, "NAME": script, "__module__": __name__,
+            "__doc__": f"{entry.title or entry.name} with BackdoorBench's defense interface (d3_plugin)."})
+    return _CLASSES[key]
+
+
+def __getattr__(attribute: str):
+    """`from d3_plugin.backdoorbench.defense import d3` (or `fst`, `ft_sam`, ...): the entry's class."""
+    if attribute.startswith("__"):
+        raise AttributeError(attribute)
+    try:
+        return defense_class(attribute.replace("_", "-") if attribute not in registry.names() else attribute)
+    except ValueError:
+        raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}") from None
+
+
+def main(argv: Optional[List[str]] = None, name: str = "d3", script: Optional[str] = None) -> Dict:
+    """BackdoorBench's standard `__main__` for the class of `name` (what an installed defense/<script>.py runs)."""
+    cls = defense_class(name, script)
+    parser = argparse.ArgumentParser(description=f"{cls.entry.title or name} backdoor defense")
+    cls.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.result_file:
         parser.error("--result_file is required (a folder under ./record)")
     with one_line_errors(parser.prog):
-        return d3(args).defense(args.result_file)
+        return cls(args).defense(args.result_file)

@@ -100,29 +100,35 @@ def write_summary_table(path: str | os.PathLike, rows: Sequence[Mapping]) -> Pat
 
 def plot_curves(path: str | os.PathLike, curves: Mapping[str, Sequence[float]], ylabel: str,
                 ylim: Optional[tuple] = None, title: str = "Results") -> Path:
-    """One line per curve against the epoch (0-based), saved as PNG. Uses matplotlib's Agg canvas
-    directly, so the caller's pyplot backend is left alone."""
+    """One line per curve against the epoch (0-based), saved as PNG (BackdoorBench's plot layout)."""
+    return plot_panels(path, [(title, curves, ylabel, ylim)], figsize=(12.8, 9.6))
+
+
+def plot_panels(path: str | os.PathLike, panels: Sequence[tuple], figsize: tuple = (12.8, 9.6)) -> Path:
+    """Side-by-side panels `(title, {label: values}, ylabel, ylim)`, one line per curve against the epoch
+    (0-based), saved as PNG. Uses matplotlib's Agg canvas directly, so the caller's pyplot backend is left
+    alone."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(12.8, 9.6))
+    figure = Figure(figsize=figsize)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot(111)
     styles = ["--", "-", "-.", ":"]
     markers = ["o", "v", "+", "x"]
-    for i, (label, values) in enumerate(curves.items()):
-        values = [float("nan") if v is None else float(v) for v in values]
-        axes.plot(range(len(values)), values, label=label, linewidth=2,
-                  linestyle=styles[i % len(styles)], marker=markers[i % len(markers)])
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("Epochs")
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
-    if ylim is not None:
-        axes.set_ylim(*ylim)
-    axes.legend()
-    axes.grid(alpha=0.3)
+    for index, (title, curves, ylabel, ylim) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        for i, (label, values) in enumerate(curves.items()):
+            values = [float("nan") if v is None else float(v) for v in values]
+            axes.plot(range(len(values)), values, label=label, linewidth=2,
+                      linestyle=styles[i % len(styles)], marker=markers[i % len(markers)])
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set(xlabel="Epochs", ylabel=ylabel, title=title)
+        if ylim is not None:
+            axes.set_ylim(*ylim)
+        axes.legend(fontsize="small")
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return write_bytes(path, buffer.getvalue())
@@ -143,3 +149,15 @@ def plot_metrics(folder: str | os.PathLike, rows: Sequence[Mapping]) -> List[Pat
         ylim = (min(0.0, min(finite) * 1.05), max(finite) * 1.05)
     return [plot_curves(folder / "acc_like_metric_plots.png", curves(ACC_LIKE), "ACC", ylim=(0, 1)),
             plot_curves(folder / "loss_metric_plots.png", losses, "Loss", ylim=ylim)]
+
+
+def epoch_row(history_row: Mapping[str, float]) -> Dict[str, Optional[float]]:
+    """A defense's history row → BackdoorBench's per-epoch columns (epoch counted from 0). An epoch that was
+    not evaluated (--eval_every) keeps its training loss; its test columns are None (empty cells)."""
+    evaluated = "acc" in history_row  # else "clean_loss" is the training clean loss, not the test loss
+    test = history_row.get if evaluated else (lambda key: None)
+    return {"epoch": int(history_row["epoch"]) - 1,
+            "train_epoch_loss_avg_over_batch": history_row.get("loss"),
+            "clean_test_loss_avg_over_batch": test("clean_loss"),
+            "bd_test_loss_avg_over_batch": test("bd_loss"),
+            "test_acc": test("acc"), "test_asr": test("asr"), "test_ra": test("ra")}

@@ -13,10 +13,9 @@ DEFAULT_DEFENSES = "d3,ft,ft-sam,fst,nad,anp,fp,i-bau,aft"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--result_file", help="attack record folder (record/<attack>) or its attack_result.pt")
-    parser.add_argument("--list", action="store_true", help="list the registered defenses and exit")
     parser.add_argument("--defenses", default=DEFAULT_DEFENSES,
                         help=f"comma-separated registry names (default {DEFAULT_DEFENSES}); prefix bb: to force "
-                             "the BackdoorBench script, e.g. bb:ft; see `python -m d3_plugin.registry`")
+                             "the BackdoorBench script, e.g. bb:ft; see `d3-plugin list`")
     parser.add_argument("--epochs", type=int, help="training epochs for every defense (default: each one's own)")
     parser.add_argument("--ratio", type=float, default=0.05, help="reserved clean fraction of the training set")
     parser.add_argument("--index", help="reserved-set index file (one integer a line) instead of --ratio")
@@ -43,8 +42,6 @@ def run(args: argparse.Namespace) -> int:
     from ..backdoorbench.records import load_attack_result
     from ..compare import bench_from_record, check_overrides, compare, parse_overrides, parse_seeds, text_table
 
-    if args.list:
-        return list_defenses()
     if not args.result_file:
         raise ValueError("--result_file is required: an attack record folder (record/<attack>) or its attack_result.pt")
     if args.epochs is not None and args.epochs < 0:
@@ -66,14 +63,3 @@ def run(args: argparse.Namespace) -> int:
                    bb_device=args.backdoorbench_device, bb_python=args.backdoorbench_python or sys.executable)
     print(text_table(rows))
     return 1 if any(row["error"] for row in rows) else 0
-
-
-def list_defenses() -> int:
-    """One line per registry entry: name, how it runs, the data it needs, its paper."""
-    from .. import registry
-
-    for entry in registry.list():
-        paper = entry.paper.get("title", "")
-        venue = entry.paper.get("venue", "")
-        print(f"{entry.name:<8} {entry.kind:<13} data={entry.data:<6} {paper}" + (f" ({venue})" if venue else ""))
-    return 0

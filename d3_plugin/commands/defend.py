@@ -10,17 +10,16 @@ HELP = ("purify the model of a BackdoorBench attack record with D3 (writes recor
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..backdoorbench.defense import d3
-    from ..shipped import shipped_folder
+    from ..backdoorbench.defense import defense_class
 
-    d3.add_arguments(parser)
+    defense_class("d3").add_arguments(parser)
     parser.add_argument("--checkout", type=str, help="BackdoorBench checkout whose record/ holds --result_file "
                         "(default: the current folder)")
-    parser.set_defaults(yaml_path=str(shipped_folder("configs") / "config" / "defense" / "d3" / "config.yaml"))
+    parser.set_defaults(yaml_path=None)  # the defaults alone, unless a config file is named
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backdoorbench.defense import d3
+    from ..backdoorbench.defense import defense_class
 
     if not args.result_file:
         raise ValueError("--result_file is required: an attack folder under <checkout>/record or a record path")
@@ -29,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         inside = Path(checkout) / args.result_file  # a path relative to the checkout, e.g. record/<attack>
         args.result_file = str(inside if (inside / "attack_result.pt").is_file()
                                else Path(checkout) / "record" / args.result_file)
-    result = d3(args).defense(args.result_file)
+    result = defense_class("d3")(args).defense(args.result_file)
     summary = result["summary"]
     before, after = summary["before"], summary["after"]
     print(f"D3 on {summary['record']}: ACC {before['acc']:.4f} -> {after['acc']:.4f}, "

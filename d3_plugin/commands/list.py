@@ -1,10 +1,10 @@
-"""`d3-plugin list`: BackdoorBench defense and attack plugins installed through entry points."""
+"""`d3-plugin list`: every defense and attack — ours, BackdoorBench-script-only ones and plugins."""
 from __future__ import annotations
 
 import argparse
 
 NAME = "list"
-HELP = "list the defense and attack plugins installed (entry-point groups backdoorbench.defenses/attacks)"
+HELP = "list every defense and attack: where it runs (native / BackdoorBench script / plugin), data, paper"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,13 +12,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import plugins
+    from .. import registry
 
-    groups = [f"backdoorbench.{args.group}"] if args.group else list(plugins.GROUPS)
+    groups = [args.group[:-1]] if args.group else ["defense", "attack"]
     for group in groups:
-        found = plugins.discover(group)
-        print(f"{group}: {len(found)} plugin{'s' if len(found) != 1 else ''}")
-        for plugin in found:
-            source = f"{plugin.distribution} {plugin.version}".strip() or "unknown package"
-            print(f"  {plugin.name:<16} {plugin.value:<50} ({source})")
+        entries = registry.list_entries(group)
+        print(f"{group}s ({registry.GROUPS[group]}): {len(entries)}")
+        for entry in entries:
+            print("  " + line(entry))
     return 0
+
+
+def line(entry) -> str:
+    """name, where it runs, data it needs, paper — or a broken plugin's reason."""
+    where = entry.where if entry.where != "backdoorbench" else f"BackdoorBench {entry.backdoorbench}.py"
+    if entry.where == "native" and entry.backdoorbench:
+        where += f" (+BB {entry.backdoorbench}.py)"
+    if entry.broken:
+        return f"{entry.name:<12} broken: {entry.broken} — {entry.origin}"
+    paper = entry.paper.get("title", "") or entry.notes
+    venue = entry.paper.get("venue", "")
+    origin = "" if entry.origin == "d3-plugin" else f" [{entry.origin}]"
+    return (f"{entry.name:<12} {where:<24} {entry.data:<9} {paper}" + (f" ({venue})" if venue else "")
+            + origin)

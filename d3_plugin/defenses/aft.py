@@ -38,6 +38,7 @@ from torch import nn
 from ..data import Loader
 from ..training import cosine, cross_entropy, fit, sgd
 from .adversarial import InputBox, input_box, untargeted_pgd
+from ..registry import register_defense
 
 LABELS = ("predicted", "given")
 
@@ -63,8 +64,9 @@ class AFTConfig:
     def __post_init__(self):
         if self.labels not in LABELS:
             raise ValueError(f"labels must be one of {LABELS}, got {self.labels!r}")
-        if not 0 <= self.adv_epochs <= self.epochs:
-            raise ValueError(f"adv_epochs must be between 0 and epochs ({self.epochs}), got {self.adv_epochs}")
+        if self.adv_epochs < 0 or self.epochs < 0:
+            raise ValueError(f"epochs and adv_epochs must be ≥ 0, got {self.epochs} and {self.adv_epochs}")
+        self.adv_epochs = min(self.adv_epochs, self.epochs)  # a shorter budget caps the adversarial epochs
         fractions = [self.initial_fraction, *self.keep_fractions]
         if any(not 0.0 < f <= 1.0 for f in fractions):
             raise ValueError(f"initial_fraction and keep_fractions must be in (0, 1], got {fractions}")
@@ -86,7 +88,7 @@ def adversarial_objective(box: InputBox, config: AFTConfig):
     return objective
 
 
-def finetune(model: nn.Module, batches, box: InputBox, config: AFTConfig, epochs: int, adv_epochs: int,
+def adversarial_finetune(model: nn.Module, batches, box: InputBox, config: AFTConfig, epochs: int, adv_epochs: int,
              on_epoch=None, progress=None) -> List[Dict[str, float]]:
     """`adv_epochs` adversarial then `epochs − adv_epochs` clean epochs, one optimizer and schedule."""
     optimizer = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
@@ -131,7 +133,7 @@ def progressive(model: nn.Module, batches, box: InputBox, config: AFTConfig, on_
                         device=batches.device, seed=config.seed + r)
         adv = config.round_epochs if r == 0 else min(1, config.round_epochs)
         offset = len(history)
-        rows = finetune(model, subset, box, config, config.round_epochs, adv,
+        rows = adversarial_finetune(model, subset, box, config, config.round_epochs, adv,
                         None if on_epoch is None else (lambda e, m, o=offset: on_epoch(e + o, m)), progress)
         for row in rows:
             row.update(epoch=row["epoch"] + offset, round=r, subset=len(index))
@@ -139,6 +141,7 @@ def progressive(model: nn.Module, batches, box: InputBox, config: AFTConfig, on_
     return history
 
 
+@register_defense("aft", config=AFTConfig)
 def defend(model: nn.Module, clean_batches, config: Optional[AFTConfig] = None, *,
            on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
            progress: Optional[str] = None):
@@ -149,5 +152,5 @@ def defend(model: nn.Module, clean_batches, config: Optional[AFTConfig] = None, 
     if config.progressive:
         history = progressive(model, clean_batches, box, config, on_epoch, progress)
     else:
-        history = finetune(model, clean_batches, box, config, config.epochs, config.adv_epochs, on_epoch, progress)
+        history = adversarial_finetune(model, clean_batches, box, config, config.epochs, config.adv_epochs, on_epoch, progress)
     return model, history

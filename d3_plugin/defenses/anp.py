@@ -38,6 +38,7 @@ from torch import nn
 from ..data import Loader
 from ..evaluation import evaluate
 from ..training import fit
+from ..registry import register_defense
 
 PRUNE_BY = ("threshold", "number")
 
@@ -224,6 +225,7 @@ def select_pruning(model: nn.Module, mask_values, heldout: Loader, config: ANPCo
     return best, record
 
 
+@register_defense("anp", config=ANPConfig)
 def defend(model: nn.Module, clean_batches, config: Optional[ANPConfig] = None, *,
            on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
            progress: Optional[str] = None):

@@ -23,6 +23,7 @@ from torch import nn
 from ..data import Loader
 from ..evaluation import evaluate
 from ..training import cosine, cross_entropy, fit, sgd
+from ..registry import register_defense
 
 
 @dataclass
@@ -103,6 +104,7 @@ def choose_pruned(model: nn.Module, layer: nn.Linear, batches: Iterable, config:
     return order[:kept], base
 
 
+@register_defense("fp", config=FPConfig)
 def fine_prune(model: nn.Module, clean_batches: Iterable, config: Optional[FPConfig] = None, *,
                on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
                progress: Optional[str] = None):

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..d3 import project
 from ..training import cosine, fit, sgd
+from ..registry import register_defense
 
 
 @dataclass
@@ -59,6 +60,7 @@ def reinitialise(layer: nn.Linear, generator: torch.Generator) -> None:
             p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
 
 
+@register_defense("fst", config=FSTConfig)
 def fst(model: nn.Module, clean_batches: Iterable, config: Optional[FSTConfig] = None, *,
         on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
         progress: Optional[str] = None):

@@ -7,6 +7,7 @@ from typing import Callable, Dict, Iterable, Optional
 from torch import nn
 
 from ..training import train_classifier
+from ..registry import register_defense
 
 
 @dataclass
@@ -23,6 +24,7 @@ class FTConfig:
         return asdict(self)
 
 
+@register_defense("ft", config=FTConfig)
 def finetune(model: nn.Module, clean_batches: Iterable, config: Optional[FTConfig] = None, *,
              on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
              progress: Optional[str] = None):

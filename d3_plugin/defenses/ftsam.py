@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterable, Optional
 from torch import nn
 
 from ..training import train_classifier
+from ..registry import register_defense
 
 
 @dataclass
@@ -31,6 +32,7 @@ class FTSAMConfig:
         return asdict(self)
 
 
+@register_defense("ft-sam", config=FTSAMConfig)
 def ft_sam(model: nn.Module, clean_batches: Iterable, config: Optional[FTSAMConfig] = None, *,
            on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
            progress: Optional[str] = None):

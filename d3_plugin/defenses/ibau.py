@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, asdict
-from typing import Callable, Dict, Optional
+from typing import Callable, ClassVar, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from torch import nn
 
 from ..training import fit
 from .adversarial import evaluating
+from ..registry import register_defense
 
 
 @dataclass
@@ -49,6 +50,7 @@ class IBAUConfig:
     batch_size: int = 256
     bn_train: bool = False
     seed: int = 0
+    budget_fields: ClassVar[tuple] = ('rounds',)  # what a shared `--epochs` sets
 
     def __post_init__(self):
         if self.rounds < 0 or self.K < 0 or not 0.0 < self.patch_portion <= 1.0:
@@ -100,6 +102,7 @@ def hypergradient_objective(state: Dict[str, torch.Tensor], config: IBAUConfig, 
     return objective
 
 
+@register_defense("i-bau", config=IBAUConfig)
 def defend(model: nn.Module, clean_batches, config: Optional[IBAUConfig] = None, *,
            on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
            progress: Optional[str] = None):

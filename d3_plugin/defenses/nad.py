@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, ClassVar, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import nn
 
 from ..training import cosine, fit, sgd
 from .ft import FTConfig, finetune
+from ..registry import register_defense
 
 
 @dataclass
@@ -38,6 +39,7 @@ class NADConfig:
     weight_decay: float = 5e-4
     batch_size: int = 256
     seed: int = 0
+    budget_fields: ClassVar[tuple] = ('teacher_epochs', 'epochs')  # what a shared `--epochs` sets
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -96,6 +98,7 @@ def tap(model: nn.Module, layers: Sequence[str], store: Dict[str, torch.Tensor],
             handle.remove()
 
 
+@register_defense("nad", config=NADConfig)
 def nad(model: nn.Module, clean_batches: Iterable, config: Optional[NADConfig] = None, *,
         on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
         progress: Optional[str] = None):

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..training import fit
 from .adversarial import INITS, InputBox, evaluating, input_box, pgd
+from ..registry import register_defense
 
 
 @dataclass
@@ -114,6 +115,7 @@ def sau_objective(reference: nn.Module, box: InputBox, config: SAUConfig):
     return objective
 
 
+@register_defense("sau", config=SAUConfig)
 def defend(model: nn.Module, clean_batches, config: Optional[SAUConfig] = None, *,
            on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
            progress: Optional[str] = None):

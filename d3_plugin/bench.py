@@ -1,0 +1,100 @@
+"""What every defense run shares, whoever starts it (`compare`, the BackdoorBench adapter, benchmarks):
+the backdoored model, the reserved clean set drawn as BackdoorBench draws it, the clean and poisoned
+test sets, the device and the seed.
+
+    bench = bench_from_record(load_attack_result("record/badnet"), ratio=0.05, seed=0)
+    purified, history, seconds = bench.run(registry.build("fst", budget=10))
+    bench.evaluate(purified)               # {'acc', 'asr', 'ra', 'clean_loss', 'bd_loss'}
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .backdoorbench.reserved import reserved_indices
+from .data import DatasetSpec, ImageSet, Loader
+from .evaluation import evaluate
+from .training import resolve_device, seed_everything
+
+DEFAULT_BATCH_SIZE = 256  # for a defense whose config names no batch size
+
+
+@dataclass
+class Bench:
+    """The inputs of a defense run. `reserved` is None for a data-free defense."""
+
+    model: nn.Module
+    spec: DatasetSpec
+    reserved: Optional[ImageSet]
+    clean_test: ImageSet
+    bd_test: ImageSet
+    device: torch.device
+    seed: int = 0
+    identity: Dict[str, Any] = field(default_factory=dict)  # record, reserved draw: enters every hash
+    record_folder: Optional[Path] = None
+    eval_batch_size: int = 512
+    model_name: Optional[str] = None  # picks per-architecture defaults such as D3's layers
+    precision: Any = "fp32"  # of the evaluation passes (d3_plugin.precision)
+    track: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None  # per-epoch curves, if wanted
+
+    def test_loaders(self) -> Tuple[Loader, Loader]:
+        return (Loader(self.clean_test, self.spec, self.eval_batch_size, device=self.device),
+                Loader(self.bd_test, self.spec, self.eval_batch_size, device=self.device))
+
+    def evaluate(self, model: nn.Module, loaders: Optional[Tuple[Loader, Loader]] = None) -> Dict[str, float]:
+        clean, backdoor = loaders or self.test_loaders()
+        return evaluate(model, clean, backdoor, precision=self.precision)
+
+    def reserved_batches(self, batch_size: int):
+        """The reserved set, shuffled and augmented by the bench seed ([] for a data-free defense)."""
+        if self.reserved is None:
+            return []
+        return Loader(self.reserved, self.spec, batch_size, train=True, device=self.device, seed=self.seed)
+
+    def reserved_digest(self) -> str:
+        """Short hash of the reserved indices (in draw order): tells two seeds' draws apart."""
+        from .registry import config_hash
+        return config_hash({"reserved": [] if self.reserved is None else self.reserved.source_index.tolist()})
+
+    def run(self, defense, *, on_epoch=None, **extra) -> Tuple[nn.Module, List[Dict], float]:
+        """Seed, then run a built defense (`registry.Defense`) on a copy of the model: (purified, history,
+        seconds). `extra` keywords reach the defend function (e.g. a resume checkpoint)."""
+        seed_everything(self.seed)
+        batch_size = int(getattr(defense.config, "batch_size", None) or DEFAULT_BATCH_SIZE)
+        model = copy.deepcopy(self.model).to(self.device)
+        started = time.perf_counter()
+        purified, history = defense(model, self.reserved_batches(batch_size), on_epoch=on_epoch or self.track,
+                                    progress=defense.name, **extra)
+        return purified, history, time.perf_counter() - started
+
+
+def poisoned_only(bd_test: ImageSet) -> ImageSet:
+    """The poisoned samples of a backdoor test set (ASR and RA are measured on these only)."""
+    keep = torch.nonzero(bd_test.poisoned).flatten()
+    if len(keep) == 0:
+        raise ValueError("the record's poisoned test set holds no poisoned sample; ASR cannot be measured, "
+                         "re-create the attack record")
+    return bd_test if len(keep) == len(bd_test) else bd_test.subset(keep)
+
+
+def bench_from_record(record, *, ratio: Optional[float] = 0.05, seed: int = 0, device: str = "auto",
+                      index_file: Optional[str] = None, model: Optional[nn.Module] = None,
+                      data: str = "clean", eval_batch_size: int = 512, precision: Any = "fp32") -> Bench:
+    """A Bench from a loaded AttackRecord: the reserved set is BackdoorBench's draw (`data="none"`: no
+    reserved set); `model` replaces the record's (e.g. a checkpoint's weights)."""
+    from .backdoorbench.records import model_from_record
+
+    device = resolve_device(device)
+    index = reserved_indices(len(record.clean_train), ratio, index_file, seed) if data != "none" else None
+    identity = {"record": str(Path(record.folder).resolve()), "ratio": None if index_file else ratio,
+                "index_file": index_file, "reserved": 0 if index is None else len(index), "seed": seed}
+    model = model if model is not None else model_from_record(record)
+    reserved = None if index is None else record.clean_train.subset(index)
+    return Bench(model.to(device), record.spec, reserved, record.clean_test, poisoned_only(record.bd_test), device,
+                 seed, identity, Path(record.folder), eval_batch_size, record.model_name, precision)
