@@ -487,3 +487,95 @@ def test_ctrl_c_is_one_line_status_130_and_keeps_the_previous_run(checkout, tmp_
     assert snapshot(save) == before
     (log,) = (root / "record" / RECORD / "defense").glob(".d3.partial-*/log/*.log")
     assert "KeyboardInterrupt" in log.read_text()  # the interruption is logged with the dead run
+
+
+# --- every native defense as a BackdoorBench drop-in -------------------------------------------------
+
+STAND_IN_GENERATE = '''"""Stand-in for BackdoorBench's utils/aggregate_block/model_trainer_generate.py (its real one needs the
+whole BackdoorBench environment): generate_cls_model(model_name, num_classes, image_size) -> nn.Module."""
+from d3_plugin.models import build_model
+
+
+def generate_cls_model(model_name, num_classes=10, image_size=32, **kwargs):
+    return build_model(model_name, num_classes, 1, image_size)
+'''
+LOAD_RESULTS = ("import sys, torch\n"
+                "from utils.aggregate_block.model_trainer_generate import generate_cls_model\n"
+                "for path in sys.argv[1:]:\n"
+                "    result = torch.load(path, map_location='cpu', weights_only=True)\n"
+                "    model = generate_cls_model(result['model_name'], result['num_classes'], 28)\n"
+                "    model.load_state_dict(result['model'])\n"
+                "    print('loaded', result['model_name'])\n")
+
+
+def test_install_all_then_every_native_defense_runs_as_its_script_and_writes_a_loadable_model(checkout, tmp_path):
+    from d3_plugin import registry
+
+    root = clone_checkout(checkout, tmp_path)
+    (root / "config").unlink()
+    (root / "defense").mkdir()
+    (root / "defense" / "ft.py").write_text("# BackdoorBench's own FT\n")
+    helper = root / "utils" / "aggregate_block"
+    helper.mkdir(parents=True)
+    (helper / "model_trainer_generate.py").write_text(STAND_IN_GENERATE)
+    written = install.install(root, defenses=["all"])
+    natives = sorted(e.name for e in registry.list_entries() if e.where == "native")
+    scripts = {p.stem for p in written if p.parent.name == "defense"}
+    assert scripts == {install.script_name(registry.get(n)) for n in natives} and "d3p_ft" in scripts
+    assert (root / "defense" / "ft.py").read_text() == "# BackdoorBench's own FT\n"  # theirs untouched
+    attacked = safe_torch_load(root / "record" / RECORD / "attack_result.pt")["model"]
+    for name in natives:
+        script = install.script_name(registry.get(name))
+        command = [sys.executable, f"defense/{script}.py", "--result_file", RECORD, "--yaml_path",
+                   f"./config/defense/{script}/mnist.yaml", "--epochs", "1", "--ratio", "0.1", "--batch_size", "64",
+                   "--device", "cpu", *EXTRA.get(name, [])]
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (name, done.stderr[-2000:])
+        save = root / "record" / RECORD / "defense" / script
+        assert {f"{script}_df.csv", f"{script}_df_summary.csv", f"{script}_summary.json",
+                "defense_result.pt"} <= {p.name for p in save.iterdir()}, name
+        result = safe_torch_load(save / "defense_result.pt")["model"]
+        assert any(not torch.equal(result[k], attacked[k]) for k in attacked), f"{name} left the model unchanged"
+    results = [str(p) for p in (root / "record" / RECORD / "defense").glob("*/defense_result.pt")]
+    loaded = subprocess.run([sys.executable, "-c", LOAD_RESULTS, *results], cwd=root, capture_output=True, text=True,
+                            timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-1000:]
+    assert loaded.stdout.count("loaded small_cnn") == len(natives)
+    assert len(install.uninstall(root)) == len(written)
+
+
+EXTRA = {"anp": ["--prune_by", "number", "--prune_value", "3"], "clp": ["--u", "1"]}  # else a tiny model may give nothing to prune
+
+
+def test_a_killed_run_resumes_to_the_same_model_bit_for_bit(checkout, tmp_path, monkeypatch):
+    root = clone_checkout(checkout, tmp_path)
+    monkeypatch.chdir(root)
+    argv = ["--yaml_path", "./config/defense/d3/mnist.yaml", "--result_file", RECORD, "--epochs", "4",
+            "--ratio", "0.1", "--batch_size", "32", "--device", "cpu", "--precision", "fp32"]
+    whole = main(argv)["model"].state_dict()
+    save = root / "record" / RECORD / "defense"
+    assert not (save / ".d3.resume.pt").exists()  # a finished run leaves nothing to resume
+
+    from d3_plugin import bench as bench_module
+    evaluate = bench_module.Bench.evaluate
+    calls = {"n": 0}
+
+    def dies_in_epoch_3(self, model, loaders=None):
+        calls["n"] += 1
+        if calls["n"] == 4:  # before, epochs 1 and 2, then epoch 3's evaluation
+            raise KeyboardInterrupt
+        return evaluate(self, model, loaders)
+    monkeypatch.setattr(bench_module.Bench, "evaluate", dies_in_epoch_3)
+    with pytest.raises(SystemExit, match="130"):  # the script's Ctrl-C status
+        main(argv)
+    monkeypatch.setattr(bench_module.Bench, "evaluate", evaluate)
+    assert safe_torch_load(save / ".d3.resume.pt")["done"] == 2
+    resumed = main(argv + ["--resume", "True"])
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3, 4]
+    assert all(torch.equal(whole[k], v) for k, v in resumed["model"].state_dict().items())
+    assert not (save / ".d3.resume.pt").exists()
+    with pytest.raises(ValueError, match="clp cannot resume"):
+        from d3_plugin.backdoorbench.defense import defense_class
+        parser = argparse.ArgumentParser()
+        defense_class("clp").add_arguments(parser)
+        defense_class("clp")(parser.parse_args(["--yaml_path", "", "--resume", "True"]))
