@@ -1,23 +1,34 @@
-"""Bad inputs against the command line, each in a subprocess: one-line error or traceback? (issue 11; not a test)
+"""Bad inputs and faults against every front end, each in a subprocess (issue 11; not a test)
 
     .venv/bin/python benchmarks/error_sweep.py [--work /tmp/sweep]
 
-Makes one tiny record (`d3-plugin attack badnets`, 1 epoch, 1,000 images), then runs every case below on
-a fresh copy of its checkout and classifies the outcome: `one-line` (exit 2, one stderr line after any
-progress bar, no "Traceback"), `traceback`, `success` (exit 0) or `other`. A case also fails when it leaves
-`record/<attack>/defense/d3/` half-written (a result file without `d3_summary.json`). Prints one row per
-case and the counts; exits 1 when any case is not `one-line`.
+Makes one tiny record (`d3-plugin attack badnets`, 1 epoch, 1,000 images) and a first complete D3 run on
+it, then runs every case below on a fresh copy of that checkout — `d3-plugin defend/attack/compare/install/
+list` and the installed `python defense/<name>.py` scripts — and checks, per case:
+- the outcome: `one-line` (exit 2, one stderr line after any progress bar, no "Traceback"), `traceback`,
+  `success` (exit 0) or `other`; a case names the outcome it expects (one-line unless said otherwise);
+- result folders: every `record/*/defense/<name>/` is whole (result, tables and summary together) and a
+  failed run left the first run's `defense/d3/` byte for byte as it was (no partial or mixed folder);
+- unsafe loads: hostile pickles (attack_result.pt, --checkpoint_load, a CIFAR batch) would create the file
+  PWNED if anything unpickled them unsafely;
+- lost user edits: install cases that edited a file of ours check the edit is still there.
+Prints one row per case and the totals; exits 1 when any case misses its expectation.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import pickle
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 D3_PLUGIN = str(Path(sys.executable).with_name("d3-plugin"))
-RESULTS = ("defense_result.pt", "d3_df.csv", "d3_df_summary.csv", "d3_summary.json")
+EDIT = "# my edit\n"
 
 
 def defend(*argv):
@@ -26,6 +37,16 @@ def defend(*argv):
 
 def attack(*argv):
     return ["attack", "badnets", "--out", "record/new", "--epochs", "1", "--train-size", "500", "--device", "cpu", *argv]
+
+
+def script(name, *argv):
+    """An installed BackdoorBench script (the checkout copy gets `install --defenses all` first)."""
+    return ["SCRIPT", f"defense/{name}.py", "--result_file", "tiny", "--yaml_path", f"./config/defense/{name}/mnist.yaml",
+            "--epochs", "1", "--device", "cpu", *argv]
+
+
+def compare(*argv):
+    return ["compare", "--result_file", "record/tiny", "--epochs", "1", "--device", "cpu", *argv]
 
 
 CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or None)
@@ -60,31 +81,224 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
     "install over a foreign defense/d3.py": (["install", "."], lambda root: (root / "defense/d3.py").write_text("x\n")),
     "install over an edited defense/d3.py": (["install", "."], lambda root: _install_then_edit(root)),
     "install with a corrupt manifest": (["install", "."], lambda root: (root / ".d3-plugin-manifest.json").write_text("{")),
+    # --- added with the registry redesign (issue 11's wider sweep)
+    "defend, attack_result.pt hostile pickle": (defend(), lambda root: _hostile(root / "record/tiny/attack_result.pt")),
+    "defend --checkpoint_load hostile pickle": (defend("--checkpoint_load", "evil.pt"), lambda root: _hostile(root / "evil.pt")),
+    "defend --checkpoint_load missing": (defend("--checkpoint_load", "missing.pt"), None),
+    "defend, record's model is a string": (defend(), lambda root: _model_is_a_string(root)),
+    "defend, record's weights are NaN": (defend(), lambda root: _nan_weights(root)),
+    "defend, a poisoned PNG empty": (defend(), lambda root: _first_png(root).write_bytes(b"")),
+    "defend, a poisoned PNG truncated": (defend(), lambda root: _truncate(_first_png(root), 40)),
+    "defend, a poisoned PNG decompression bomb": (defend(), lambda root: _png_bomb(_first_png(root))),
+    "defend --yaml_path invalid YAML": (defend("--yaml_path", "bad.yaml"), lambda root: (root / "bad.yaml").write_text("a: [1\n")),
+    "defend --yaml_path python tag": (defend("--yaml_path", "bad.yaml"),
+                                      lambda root: (root / "bad.yaml").write_text("lmd: !!python/object/apply:os.system ['touch PWNED']\n")),
+    "defend --yaml_path not a mapping": (defend("--yaml_path", "bad.yaml"), lambda root: (root / "bad.yaml").write_text("- 1\n")),
+    "defend --yaml_path missing": (defend("--yaml_path", "missing.yaml"), None),
+    "defend --index out of range": (defend("--index", "idx.txt"), lambda root: (root / "idx.txt").write_text("99999999\n")),
+    "defend --index not integers": (defend("--index", "idx.txt"), lambda root: (root / "idx.txt").write_text("a\nb\n")),
+    "defend --ratio 0.0001 (empty reserved set)": (defend("--ratio", "0.0001"), None),
+    "defend --eval_every 0": (defend("--eval_every", "0"), None),
+    "defend --eval_batch_size -1": (defend("--eval_batch_size", "-1"), None),
+    "defend --frequency_save 3 --eval_every 2": (defend("--frequency_save", "3", "--eval_every", "2"), None),
+    "defend --precision fp16 on cpu": (defend("--precision", "fp16"), None),
+    "defend --precision fp8": (defend("--precision", "fp8"), None),
+    "defend --model vgg19_bn (record: small_cnn)": (defend("--model", "vgg19_bn"), None),
+    "defend --dataset cifar10 (record: fashion_mnist)": (defend("--dataset", "cifar10"), None),
+    "defend --lr -1": (defend("--lr", "-1"), None),
+    "defend --lmd abc": (defend("--lmd", "abc"), None),
+    "defend --hinge both": (defend("--hinge", "both"), None),
+    "defend --Lp 1": (defend("--Lp", "1"), None),
+    "defend --client_optimizer adam": (defend("--client_optimizer", "adam"), None),
+    "defend --select_layer_name bn (BatchNorm)": (defend("--select_layer_name", "features.1"), None),
+    "defend, record folder unwritable target": (defend(), lambda root: _block(root / "record/tiny/defense/.d3.resume.pt")),
+    "script fst --alpha nan": (script("fst", "--alpha", "nan"), None),
+    "script fst --head nope": (script("fst", "--head", "nope"), None),
+    "script d3p_clp --u -1": (script("d3p_clp", "--u", "-1"), None),
+    "script d3p_clp --resume True": (script("d3p_clp", "--resume", "True"), None),
+    "script d3p_ft --epochs -1": (script("d3p_ft", "--epochs", "-1"), None),
+    "script d3p_ft-sam --rho abc": (script("d3p_ft-sam", "--rho", "abc"), None),
+    "script d3p_nad --betas 1,x": (script("d3p_nad", "--betas", "1,x"), None),
+    "script d3p_anp --prune_by sideways": (script("d3p_anp", "--prune_by", "sideways"), None),
+    "script d3p_i-bau --patch_portion 2": (script("d3p_i-bau", "--patch_portion", "2"), None),
+    "script d3p_sau --init nope": (script("d3p_sau", "--init", "nope"), None),
+    "script aft --labels nope": (script("aft", "--labels", "nope"), None),
+    "script d3p_fp --layer nope": (script("d3p_fp", "--layer", "nope"), None),
+    "script d3, record missing": (["SCRIPT", "defense/d3.py", "--result_file", "none", "--yaml_path",
+                                   "./config/defense/d3/mnist.yaml"], None),
+    "script d3 --resume True, checkpoint of another run": (script("d3", "--resume", "True", "--epochs", "2"),
+                                                           lambda root: _foreign_resume(root)),
+    "script d3 --resume True, checkpoint corrupt": (script("d3", "--resume", "True"),
+                                                    lambda root: (root / "record/tiny/defense/.d3.resume.pt").write_bytes(b"junk")),
+    "compare --defenses nope": (compare("--defenses", "nope"), None),
+    "compare --defenses gic (unavailable)": (compare("--defenses", "gic"), None, "other"),
+    "compare --seeds 0,0": (compare("--seeds", "0,0"), None),
+    "compare --seeds a": (compare("--seeds", "a"), None),
+    "compare --seed 1 --seeds 0,1": (compare("--seed", "1", "--seeds", "0,1"), None),
+    "compare --epochs -1": (compare("--epochs", "-1"), None),
+    "compare --set nodot=1": (compare("--set", "nodot=1"), None),
+    "compare --set ft.lr=abc": (compare("--set", "ft.lr=abc"), None),
+    "compare, record missing": (["compare", "--result_file", "record/none"], None),
+    "attack nope": (["attack", "nope", "--out", "record/new"], None),
+    "attack --out outside record/": (["attack", "badnets", "--out", "elsewhere/new", "--epochs", "1"], None),
+    "attack sam-flatten without --rho": (["attack", "sam-flatten", "--out", "record/flat", "--result_file", "record/tiny"], None),
+    "attack sam-flatten --rho -1": (["attack", "sam-flatten", "--out", "record/flat", "--result_file", "record/tiny",
+                                     "--rho", "-1"], None),
+    "attack --dataset cifar10, CIFAR batch hostile": (attack("--dataset", "cifar10", "--data-root", "cifar"),
+                                                      lambda root: _hostile_cifar(root / "cifar")),
+    "attack --data-root /nonexistent": (attack("--data-root", "/nonexistent"), None),
+    "install --defenses nope": (["install", ".", "--defenses", "nope"], None),
+    "install --defenses gic (not native)": (["install", ".", "--defenses", "gic"], None),
+    "install --uninstall, not installed": (["install", ".", "--uninstall"], None),
+    "install --uninstall, a config edited": (["install", ".", "--uninstall"], lambda root: _install_then_edit(root, "config/defense/d3/mnist.yaml")),
+    "install --defenses all, an edited fst.py": (["install", ".", "--defenses", "all"], lambda root: _install_then_edit(root, "defense/fst.py", "all")),
+    "list, a broken plugin installed": (["list"], lambda root: _broken_plugin(root), "success"),
+    "attack --help, a broken plugin installed": (["attack", "--help"], lambda root: _broken_plugin(root), "success"),
 }
 
 
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:1000])
+def _truncate(path: Path, size: int = 1000) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def _hostile(path: Path) -> None:
+    torch.save({"model": _Hostile(), "model_name": "small_cnn", "num_classes": 10}, path)
+
+
+def _hostile_cifar(folder: Path) -> None:
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(batches / name, "wb") as f:
+            pickle.dump(_Hostile(), f)
+
+
+def _model_is_a_string(root: Path) -> None:
+    path = root / "record/tiny/attack_result.pt"
+    result = torch.load(path, weights_only=False)
+    result["model"] = "not a state dict"
+    torch.save(result, path)
+
+
+def _nan_weights(root: Path) -> None:
+    path = root / "record/tiny/attack_result.pt"
+    result = torch.load(path, weights_only=False)
+    result["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in result["model"].items()}
+    torch.save(result, path)
+
+
+def _png_bomb(path: Path) -> None:
+    """A valid 1x1 PNG whose header claims 60000 x 60000 pixels."""
+    import struct
+    import zlib
+    from io import BytesIO
+
+    from PIL import Image
+    buffer = BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = struct.pack(">II", 60000, 60000) + bytes(data[24:29])
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def _block(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()  # a folder where a file must go
+
+
+KILL_IN_EPOCH_2 = """
+import runpy, sys
+import d3_plugin.bench as bench
+evaluate, calls = bench.Bench.evaluate, []
+def dies(self, *args, **kwargs):  # before, epoch 1, then a kill in epoch 2's evaluation
+    calls.append(1)
+    if len(calls) == 3:
+        raise KeyboardInterrupt
+    return evaluate(self, *args, **kwargs)
+bench.Bench.evaluate = dies
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _foreign_resume(root: Path) -> None:
+    """The resume checkpoint of a killed run with other settings (λ 5)."""
+    from d3_plugin.backdoorbench import install
+    install.install(root, defenses=["all"])
+    subprocess.run([sys.executable, "-c", KILL_IN_EPOCH_2, "defense/d3.py", "--result_file", "tiny", "--yaml_path",
+                    "./config/defense/d3/mnist.yaml", "--epochs", "2", "--lmd", "5", "--device", "cpu"], cwd=root,
+                   capture_output=True)
+    assert (root / "record/tiny/defense/.d3.resume.pt").is_file(), "the killed run left no checkpoint"
+
+
+def _broken_plugin(root: Path) -> None:
+    (root / "plugins").mkdir()
+    (root / "plugins" / "broken_plugin.py").write_text("def wrong(model):\n    return model\n")
+    info = root / "plugins" / "broken_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[backdoorbench.defenses]\nwrong = broken_plugin:wrong\n"
+                                           "[backdoorbench.attacks]\nmissing = broken_plugin:missing\n")
 
 
 def _first_png(root: Path) -> Path:
     return next((root / "record/tiny").rglob("*.png"))
 
 
-def _install_then_edit(root: Path) -> None:
-    subprocess.run([D3_PLUGIN, "install", "."], cwd=root, check=True, capture_output=True)
-    script = root / "defense/d3.py"
-    script.write_text(script.read_text() + "# my edit\n")
+def _install_then_edit(root: Path, rel: str = "defense/d3.py", defenses: str = "d3") -> None:
+    subprocess.run([D3_PLUGIN, "install", ".", "--defenses", defenses], cwd=root, check=True, capture_output=True)
+    edited = root / rel
+    edited.write_text(edited.read_text() + EDIT)
+    (root / ".edited").write_text(rel)
 
 
 def make_checkout(work: Path) -> Path:
+    """A checkout with a tiny record and one complete D3 run on it (kept across sweeps)."""
     base = work / "base"
-    if (base / "record/tiny/attack_result.pt").is_file():
+    if (base / "record/tiny/defense/d3/d3_summary.json").is_file():
         return base
     (base / "defense").mkdir(parents=True, exist_ok=True)
     subprocess.run([D3_PLUGIN, "attack", "badnets", "--out", str(base / "record/tiny"), "--epochs", "1",
                     "--train-size", "1000", "--device", "cpu"], check=True, capture_output=True)
+    subprocess.run([D3_PLUGIN, *defend()], cwd=base, check=True, capture_output=True)
     return base
+
+
+def fingerprint(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def partial_or_mixed(root: Path) -> bool:
+    """A result folder holding part of a run (result, tables and summary go together)."""
+    for save in root.glob("record/*/defense/*"):
+        if save.name.startswith(".") or not save.is_dir():
+            continue
+        present = {p.name for p in save.iterdir()}
+        parts = {"defense_result.pt", f"{save.name}_df.csv", f"{save.name}_summary.json"}
+        if present & parts and not parts <= present:
+            return True
+    return False
+
+
+def run_case(root: Path, command: list) -> subprocess.CompletedProcess:
+    env = {**os.environ}
+    if (root / "plugins").is_dir():
+        env["PYTHONPATH"] = str(root / "plugins")
+    if command[0] == "SCRIPT":
+        from d3_plugin.backdoorbench import install
+        install.install(root, defenses=["all"])
+        argv = [sys.executable, *command[1:]]
+    else:
+        argv = [D3_PLUGIN, *command]
+    return subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=600, env=env)
 
 
 def classify(done: subprocess.CompletedProcess) -> str:
@@ -97,36 +311,43 @@ def classify(done: subprocess.CompletedProcess) -> str:
     return "one-line" if done.returncode == 2 and "error:" in last else "other"
 
 
-def half_written(root: Path) -> bool:
-    for save in root.glob("record/*/defense/d3"):
-        present = {name for name in RESULTS if (save / name).exists()}
-        if present and "d3_summary.json" not in present:
-            return True
-    return False
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/d3_error_sweep"))
     args = parser.parse_args(argv)
     base = make_checkout(args.work)
-    counts: dict = {}
-    print("| case | outcome | exit | last stderr line |\n|---|---|---|---|")
-    for name, (command, prepare) in CASES.items():
+    first_run = fingerprint(base / "record/tiny/defense/d3")
+    totals = {"cases": 0, "as expected": 0, "one-line": 0, "traceback": 0, "partial or mixed": 0,
+              "unsafe loads": 0, "lost user edits": 0}
+    print("| case | outcome | expected | exit | last stderr line |\n|---|---|---|---|---|")
+    for name, (command, prepare, *expected) in CASES.items():
+        expected = expected[0] if expected else "one-line"
         root = args.work / "case"
         shutil.rmtree(root, ignore_errors=True)
-        shutil.copytree(base, root)
+        shutil.copytree(base, root, symlinks=True)
         if prepare is not None:
             prepare(root)
-        done = subprocess.run([D3_PLUGIN, *command], cwd=root, capture_output=True, text=True, timeout=600)
+        done = run_case(root, command)
         outcome = classify(done)
-        if half_written(root):
-            outcome += " + half-written"
-        counts[outcome] = counts.get(outcome, 0) + 1
+        problems = []
+        if partial_or_mixed(root) or (done.returncode != 0 and fingerprint(root / "record/tiny/defense/d3") != first_run):
+            problems.append("partial or mixed")
+        if (root / "PWNED").exists():
+            problems.append("unsafe loads")
+        edited = root / ".edited"
+        if edited.exists() and not (root / edited.read_text()).read_text().endswith(EDIT):
+            problems.append("lost user edits")
+        totals["cases"] += 1
+        totals["as expected"] += outcome == expected and not problems
+        totals["one-line"] += outcome == "one-line"
+        totals["traceback"] += outcome == "traceback"
+        for problem in problems:
+            totals[problem] += 1
         last = ([line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()] or [""])[-1]
-        print(f"| {name} | {outcome} | {done.returncode} | {last[:160].replace('|', '/')} |", flush=True)
-    print(f"\n{len(CASES)} cases: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    return 0 if counts.get("one-line", 0) == len(CASES) else 1
+        shown = " + ".join([outcome, *problems])
+        print(f"| {name} | {shown} | {expected} | {done.returncode} | {last[:160].replace('|', '/')} |", flush=True)
+    print("\n" + ", ".join(f"{k}: {v}" for k, v in totals.items()))
+    return 0 if totals["as expected"] == totals["cases"] else 1
 
 
 if __name__ == "__main__":

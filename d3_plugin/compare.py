@@ -83,14 +83,13 @@ def _one_seed(text: str, seeds: str) -> int:
 
 def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     """['d3.lam=5', 'anp.iterations=200'] → {'d3': {'lam': 5}, 'anp': {'iterations': 200}} (YAML values)."""
-    import yaml
     parsed: Dict[str, Dict[str, Any]] = {}
     for item in items or ():
-        key, sep, value = item.partition("=")
+        key, value = registry.parse_assignment(item, "--set", "DEFENSE.PARAM=VALUE, e.g. d3.lam=5")
         name, dot, param = key.rpartition(".")
-        if not sep or not dot or not name or not param:
+        if not dot or not name or not param:
             raise ValueError(f"--set {item!r} must look like DEFENSE.PARAM=VALUE, e.g. d3.lam=5")
-        parsed.setdefault(name.lower(), {})[param] = yaml.safe_load(value)
+        parsed.setdefault(name.lower(), {})[param] = value
     return parsed
 
 

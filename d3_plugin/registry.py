@@ -395,6 +395,17 @@ def applicable(entry: Entry, values: Mapping[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in values.items() if k in fields and v is not None}
 
 
+def parse_assignment(item: str, option: str, example: str) -> Tuple[str, Any]:
+    """A command line's 'KEY=VALUE' → (KEY, VALUE read as YAML: 5 → int, 0.1 → float, [a, b] → list)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{option} {item!r} must look like {example}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{option} {item!r}: the value is not valid YAML ({_one_line(error)})") from None
+
+
 def config_hash(payload: Mapping) -> str:
     """Short stable hash of a JSON-able mapping (sorted keys)."""
     text = json.dumps(payload, sort_keys=True, default=str)

@@ -198,3 +198,28 @@ def test_attack_numbers_out_of_range_are_one_line_errors_not_defaults(tmp_path, 
     message = capsys.readouterr().err.strip()
     assert "\n" not in message and expected in message
     assert not out.exists()
+
+
+def test_a_record_made_on_a_smaller_test_split_loads_back(tmp_path):
+    """CIFAR-10's layout with 20 test images (not 10,000): the record keeps the split sizes it was made on."""
+    import pickle
+
+    import numpy as np
+
+    from d3_plugin.backdoorbench.records import load_attack_result
+    from d3_plugin.cli import main
+    from d3_plugin.training import seed_everything
+
+    seed_everything(0)
+    folder = tmp_path / "data" / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                         b"labels": rng.integers(0, 10, 20).tolist()}, f, protocol=2)
+    out = tmp_path / "record" / "tiny"
+    assert main(["attack", "badnets", "--dataset", "cifar10", "--data-root", str(folder.parent), "--epochs", "1",
+                 "--out", str(out), "--device", "cpu", "--batch-size", "32"]) == 0
+    record = load_attack_result(out, data_root=str(folder.parent))
+    assert (len(record.clean_train), len(record.clean_test)) == (100, 20)

@@ -264,8 +264,29 @@ def run_failing(checkout, monkeypatch, capsys, *argv):
     return message
 
 
+class Hostile:
+    """Unpickled unsafely, it would create the file PWNED."""
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+def png_bomb(path: Path) -> None:
+    """A valid 1x1 PNG whose header claims 60000 x 60000 pixels (PIL's decompression-bomb check)."""
+    import io
+    import struct
+    import zlib
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", 60000, 60000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("case", ["truncated", "missing_png", "empty_reserved", "unwritable", "model_mismatch",
-                                  "missing_dataset", "unknown_model", "class_mismatch"])
+                                  "missing_dataset", "unknown_model", "class_mismatch", "empty_png", "truncated_png",
+                                  "png_bomb", "hostile_pickle", "hostile_checkpoint"])
 def test_bad_input_is_one_line_and_writes_no_result(checkout, tmp_path, monkeypatch, capsys, case):
     root = clone_checkout(checkout, tmp_path)
     record = root / "record" / RECORD
@@ -281,6 +302,15 @@ def test_bad_input_is_one_line_and_writes_no_result(checkout, tmp_path, monkeypa
         (record / "defense").write_text("a file where the output folder should be")
     elif case == "model_mismatch":
         argv += ["--model", "preactresnet18"]
+    elif case in ("empty_png", "truncated_png", "png_bomb"):
+        png = next((record / "bd_test_dataset").rglob("*.png"))
+        {"empty_png": lambda: png.write_bytes(b""), "truncated_png": lambda: png.write_bytes(png.read_bytes()[:40]),
+         "png_bomb": lambda: png_bomb(png)}[case]()
+    elif case == "hostile_pickle":
+        torch.save({"model": Hostile(), "model_name": "small_cnn", "num_classes": 10}, record / "attack_result.pt")
+    elif case == "hostile_checkpoint":
+        torch.save({"model": Hostile()}, root / "evil.pt")
+        argv += ["--checkpoint_load", "evil.pt"]
     elif case in ("unknown_model", "class_mismatch"):
         pt = record / "attack_result.pt"
         loaded = safe_torch_load(pt)
@@ -294,8 +324,11 @@ def test_bad_input_is_one_line_and_writes_no_result(checkout, tmp_path, monkeypa
     message = run_failing(root, monkeypatch, capsys, *argv)
     expected = {"truncated": "attack_result.pt", "missing_png": "not found", "empty_reserved": "empty",
                 "unwritable": "cannot write", "model_mismatch": "small_cnn", "missing_dataset": "data/mnist",
-                "unknown_model": "nosuchnet", "class_mismatch": "43"}[case]
+                "unknown_model": "nosuchnet", "class_mismatch": "43", "empty_png": ".png",
+                "truncated_png": ".png", "png_bomb": "decompression bomb", "hostile_pickle": "attack_result.pt",
+                "hostile_checkpoint": "evil.pt"}[case]
     assert expected in message
+    assert not (root / "PWNED").exists()
     results = {"defense_result.pt", "d3_df.csv", "d3_df_summary.csv", "d3_summary.json", "index.txt",
                "acc_like_metric_plots.png", "loss_metric_plots.png"}
     assert not [p for p in record.rglob("*") if p.name in results]
@@ -427,6 +460,22 @@ def test_a_run_that_dies_at_any_write_step_leaves_the_previous_run_whole(checkou
         monkeypatch.setattr(adapter.outputs, step, die)
     with pytest.raises(Killed):
         quick_run(1)  # another seed: every file of this run would differ
+    assert snapshot(save) == before
+
+
+def test_a_full_disk_is_one_line_status_2_and_keeps_the_previous_run(checkout, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import d3_plugin.backdoorbench.defense as adapter
+    root, save, before = after_a_first_run(checkout, tmp_path, monkeypatch)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(adapter.outputs, "write_metric_table", disk_full)
+    with pytest.raises(SystemExit) as stopped:
+        quick_run(1)
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 2 and "No space left on device" in message
     assert snapshot(save) == before
 
 

@@ -276,3 +276,24 @@ def test_a_defend_function_of_the_wrong_shape_cannot_be_registered():
 def test_attack_objects_are_the_registered_ones():
     assert isinstance(get_attack("badnets"), Attack) and get_attack("BadNets") is get_attack("badnets")
     assert set(attacks()) == ATTACKS - {"sam-flatten"}
+
+
+def test_a_checkouts_defense_base_runs_only_when_a_defense_class_is_built(tmp_path):
+    """Listing or importing never executes ./defense/base.py; building a defense class in a checkout does
+    (and subclasses it, as BackdoorBench's own scripts do)."""
+    import subprocess
+    (tmp_path / "defense").mkdir()
+    (tmp_path / "defense" / "__init__.py").write_text("")
+    (tmp_path / "defense" / "base.py").write_text("open('ran', 'w').write('x')\nclass defense(object):\n    pass\n")
+
+    def python(code_or_module, *args):
+        return subprocess.run([sys.executable, *args, code_or_module], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+    python("d3_plugin.registry", "-m")
+    done = python("import d3_plugin.backdoorbench.defense, d3_plugin.registry as r; r.load(); r.load('attack')", "-c")
+    assert done.returncode == 0, done.stderr[-500:]
+    assert not (tmp_path / "ran").exists()
+    done = python("import sys; sys.path.insert(0, '.')\nfrom d3_plugin.backdoorbench.defense import d3\n"
+                  "print([c.__name__ for c in d3.__mro__])", "-c")
+    assert done.returncode == 0 and "'d3', 'BackdoorBenchDefense', 'defense', 'object'" in done.stdout, done.stderr
+    assert (tmp_path / "ran").exists()

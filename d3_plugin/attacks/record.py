@@ -57,7 +57,7 @@ def flatness_batches(bd_test: ImageSet, spec: DatasetSpec, device, samples: int 
 def save_record(folder: str | os.PathLike, model: nn.Module, *, model_name: str, num_classes: int,
                 spec: DatasetSpec, poisoned_train: Optional[ImageSet], bd_test: ImageSet,
                 history: List[Dict[str, float]], info: dict, data_path: Optional[str] = None,
-                clean_train_size: Optional[int] = None) -> Path:
+                clean_train_size: Optional[int] = None, clean_test_size: Optional[int] = None) -> Path:
     """Write the whole record folder (see module doc); `folder` must be <checkout>/record/<name>."""
     from ..backdoorbench.records import write_attack_record
 
@@ -65,7 +65,8 @@ def save_record(folder: str | os.PathLike, model: nn.Module, *, model_name: str,
     write_attack_record(folder, model_name=model_name, num_classes=num_classes,
                         state_dict=model.state_dict(), dataset=spec.name,
                         data_path=data_path or f"./data/{spec.name}", img_size=[spec.size, spec.size, spec.channels],
-                        bd_train=poisoned_train, bd_test=bd_test, clean_train_size=clean_train_size)
+                        bd_train=poisoned_train, bd_test=bd_test, clean_train_size=clean_train_size,
+                        clean_test_size=clean_test_size)
     write_attack_df(folder, history)
     write_attack_info(folder, info)
     return folder

@@ -157,8 +157,8 @@ def rebuild_bd_set(state: dict, clean: ImageSet, spec: DatasetSpec, checkout_roo
         raise CheckpointError(f"{what} in {folder / 'attack_result.pt'} is not a BackdoorBench dataset state "
                               f"(missing {error}); re-create the record") from None
     if len(indicator) != len(clean) or (len(order) and (order.min() < 0 or order.max() >= len(clean))):
-        raise CheckpointError(f"{what} in {folder} indexes {len(indicator)} samples but the clean split has "
-                              f"{len(clean)}; the record does not match this dataset (check data_root)")
+        raise CheckpointError(f"{what} in {folder} was made on a split of {len(indicator)} images, but the dataset "
+                              f"read for it has {len(clean)}; point --data_root at the data the attack used")
     subset = clean.subset(torch.from_numpy(order))
     images, labels, originals = subset.images.clone(), subset.labels.clone(), subset.original_labels.clone()
     poisoned = torch.from_numpy(indicator[order] == 1)

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 import torch
-import yaml
 
+from .. import registry
 from ..attacks import TrainConfig, train_model
 from ..attacks.flatness import measure_flatness
 from ..attacks.record import epoch_evaluator, flatness_batches, save_record
@@ -53,13 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_params(pairs) -> dict:
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--param takes KEY=VALUE, got {pair!r}")
-        params[key.strip()] = yaml.safe_load(value)
-    return params
+    return dict(registry.parse_assignment(pair, "--param", "KEY=VALUE, e.g. alpha=0.3") for pair in pairs)
 
 
 # option → (smallest allowed value, whether the smallest itself is allowed); None means "not given"
@@ -147,7 +141,8 @@ def _run_attack(args, device) -> int:
         info.update(sam_info)
     _report(history)
     save_record(args.out, model.cpu(), model_name=args.model, num_classes=spec.num_classes, spec=spec,
-                poisoned_train=poisoned, bd_test=bd_test, history=history, info=info, clean_train_size=full_size)
+                poisoned_train=poisoned, bd_test=bd_test, history=history, info=info, clean_train_size=full_size,
+                clean_test_size=len(test))
     print(f"saved {Path(args.out) / 'attack_result.pt'}")
     return 0
 
@@ -169,7 +164,7 @@ def _run_flatten(args, device) -> int:
     _report(history)
     save_record(args.out, model.cpu(), model_name=record.model_name, num_classes=record.num_classes,
                 spec=record.spec, poisoned_train=record.bd_train, bd_test=record.bd_test, history=history,
-                info=info, clean_train_size=len(record.clean_train))
+                info=info, clean_train_size=len(record.clean_train), clean_test_size=len(record.clean_test))
     print(f"saved {Path(args.out) / 'attack_result.pt'}")
     return 0
 
