@@ -403,7 +403,7 @@ def parse_assignment(item: str, option: str, example: str) -> Tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as error:
-        raise ValueError(f"{option} {item!r}: the value is not valid YAML ({_one_line(error)})") from None
+        raise ValueError(f"{option} {item!r}: invalid YAML value ({_one_line(error)}); fix or quote it") from None
 
 
 def config_hash(payload: Mapping) -> str:
