@@ -207,7 +207,7 @@ def apply_notes(entry: Entry, raw: Mapping[str, Any]) -> Entry:
     origin = raw.get("origin", entry.name)
     entry.title = str(raw.get("title") or entry.title or "")
     entry.paper = dict(raw.get("paper") or entry.paper)
-    entry.source = str(raw.get("source") or entry.source or "")
+    entry.source = " ".join(str(raw.get("source") or entry.source or "").split())  # one line (YAML comments)
     entry.notes = str(raw.get("notes") or entry.notes or "").strip()
     entry.backdoorbench = raw.get("backdoorbench") or entry.backdoorbench
     if "data" in raw:

@@ -584,16 +584,36 @@ def test_install_all_then_every_native_defense_runs_as_its_script_and_writes_a_l
         assert {f"{script}_df.csv", f"{script}_df_summary.csv", f"{script}_summary.json",
                 "defense_result.pt"} <= {p.name for p in save.iterdir()}, name
         result = safe_torch_load(save / "defense_result.pt")["model"]
-        assert any(not torch.equal(result[k], attacked[k]) for k in attacked), f"{name} left the model unchanged"
+        if name != "badacts":  # BadActs keeps the weights and adds clipping bounds (checked below)
+            assert any(not torch.equal(result[k], attacked[k]) for k in attacked), f"{name} left the model unchanged"
     results = [str(p) for p in (root / "record" / RECORD / "defense").glob("*/defense_result.pt")]
     loaded = subprocess.run([sys.executable, "-c", LOAD_RESULTS, *results], cwd=root, capture_output=True, text=True,
                             timeout=120)
     assert loaded.returncode == 0, loaded.stderr[-1000:]
     assert loaded.stdout.count("loaded small_cnn") == len(natives)
+    from d3_plugin.backdoorbench.defense import load_purified
+    from d3_plugin.defenses.badacts import ClippedModel
+    badacts = root / "record" / RECORD / "defense" / "badacts"
+    wrapped = load_purified(badacts)  # the weights BackdoorBench sees, wrapped again with the clipping bounds
+    assert isinstance(wrapped, ClippedModel) and (badacts / "badacts_bounds.pt").is_file()
+    assert all(torch.equal(v, attacked[k]) for k, v in wrapped.base.state_dict().items())
+    assert not isinstance(load_purified(root / "record" / RECORD / "defense" / "d3"), ClippedModel)
     assert len(install.uninstall(root)) == len(written)
 
 
 EXTRA = {"anp": ["--prune_by", "number", "--prune_value", "3"], "clp": ["--u", "1"]}  # else a tiny model may give nothing to prune
+
+
+def test_detect_reports_badacts_detection_on_a_record(checkout, tmp_path, capsys):
+    from d3_plugin.cli import main as cli
+    root = clone_checkout(checkout, tmp_path)
+    assert cli(["detect", "--result_file", str(root / "record" / RECORD), "--device", "cpu", "--ratio", "0.2"]) == 0
+    report = json.loads((root / "record" / RECORD / "detect" / "badacts.json").read_text())
+    assert 0 <= report["auroc"] <= 1 and 0 <= report["flagged_clean"] <= 1 and report["reserved"] == 200
+    assert "AUROC" in capsys.readouterr().out
+    again = cli(["detect", "--result_file", str(root / "record" / RECORD), "--device", "cpu", "--ratio", "0.2",
+                 "--out", str(tmp_path / "again")])
+    assert again == 0 and json.loads((tmp_path / "again" / "badacts.json").read_text()) == report  # deterministic
 
 
 def test_a_killed_run_resumes_to_the_same_model_bit_for_bit(checkout, tmp_path, monkeypatch):

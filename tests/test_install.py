@@ -121,3 +121,28 @@ def test_a_manifest_without_hashes_still_uninstalls_files_left_as_this_version_w
     old = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({"d3_plugin_version": "0.1", "files": sorted(old["files"])}))
     assert len(install.uninstall(checkout)) == 7
+
+
+def test_every_generated_config_is_valid_yaml_that_builds_its_defense(tmp_path):
+    """Each native defense's six configs parse and give the config dataclass's defaults (with the dataset's
+    overrides), read through the BackdoorBench class exactly as a script reads them."""
+    import argparse
+
+    import yaml
+
+    from d3_plugin import registry
+    from d3_plugin.backdoorbench.defense import defense_class
+    for rel, text in install.planned_files(install.native_defenses()).items():
+        if rel.suffix != ".yaml":
+            continue
+        assert isinstance(yaml.safe_load(text), dict), rel
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        name = next(n for n in install.native_defenses() if install.script_name(registry.get(n)) == rel.parent.name)
+        cls = defense_class(name)
+        parser = argparse.ArgumentParser()
+        cls.add_arguments(parser)
+        dataset = None if rel.stem == "config" else rel.stem
+        expected = registry.build(name, dataset, model="preactresnet18").config
+        assert cls(parser.parse_args(["--yaml_path", str(path)])).config == expected, rel

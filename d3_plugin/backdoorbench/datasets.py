@@ -58,7 +58,7 @@ def load_clean_split(name: str, train: bool, folder: Path, size: Optional[int] =
         return load_tiny(train, folder)
     except DatasetNotFound as error:
         raise DatasetNotFound(f"{error} ({_HOW[name]}, or pass the dataset folder as data_root / "
-                              f"--data-root)") from None
+                              f"--data_root)") from None
 
 
 def _mnist_like(name: str, train: bool, folder: Path, system_copy: bool) -> ImageSet:

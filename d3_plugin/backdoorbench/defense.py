@@ -198,7 +198,8 @@ class BackdoorBenchDefense:
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Every option defaults to None (so the YAML decides) except --yaml_path."""
         for name, (kind, text) in STANDARD.items():
-            parser.add_argument(f"--{name}", type=_flag if kind == "flag" else kind, help=text)
+            spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if name == "data_root" else [])
+            parser.add_argument(*spellings, dest=name, type=_flag if kind == "flag" else kind, help=text)
         parser.add_argument("--yaml_path", type=str, default=f"./config/defense/{cls.NAME}/config.yaml",
                             help="the config file (empty: the defaults only)")
         if cls.entry.presets:
@@ -468,7 +469,11 @@ class BackdoorBenchDefense:
         record/<attack>/defense/<name>/ holds one complete run or none, never a mix of two."""
         save, name = Path(self.args.save_path), self.NAME
         rows = [outputs.epoch_row(h) for h in history]
-        write_defense_result(save / "defense_result.pt", self.args.model, self.args.num_classes, purified.state_dict())
+        architecture, extra = saved_parts(purified)
+        write_defense_result(save / "defense_result.pt", self.args.model, self.args.num_classes,
+                             architecture.state_dict())
+        if extra:
+            outputs.torch_save(extra, save / f"{name}_{EXTRA_STATE}.pt")
         outputs.write_metric_table(save / f"{name}_df.csv", rows)
         outputs.write_summary_table(save / f"{name}_df_summary.csv", rows)
         if rows:
@@ -493,6 +498,34 @@ class BackdoorBenchDefense:
             logger.error("%s: %s; %s keeps its previous results, this run's log is in %s",
                          type(error).__name__, str(error) or "interrupted", self.staged.final, self.args.log)
             raise
+
+
+EXTRA_STATE = "bounds"  # <script>_bounds.pt: what a wrapping defense (BadActs) adds to the plain weights
+
+
+def saved_parts(purified):
+    """(the model BackdoorBench rebuilds, the defense's extra state or None). A defense that wraps the
+    architecture (BadActs: activation clipping) exposes the unmodified model as `base` and its own state
+    as `bounds_state()`; BackdoorBench's own evaluation of defense_result.pt sees `base` only."""
+    if hasattr(purified, "base") and hasattr(purified, "bounds_state"):
+        return purified.base, purified.bounds_state()
+    return purified, None
+
+
+def load_purified(folder) -> "torch.nn.Module":
+    """A result folder's purified model as the defense made it: defense_result.pt (safe loader), wrapped
+    again with its `<script>_bounds.pt` when there is one (BadActs)."""
+    from ..backdoorbench.safe_load import safe_torch_load
+    from .records import model_from_record
+
+    folder = Path(folder)
+    result = safe_torch_load(folder / "defense_result.pt")
+    model = model_from_record((result["model_name"], result["num_classes"], result["model"]))
+    bounds = folder / f"{folder.name}_{EXTRA_STATE}.pt"
+    if bounds.is_file():
+        from ..defenses.badacts import ClippedModel
+        return ClippedModel.from_bounds(model, safe_torch_load(bounds))
+    return model
 
 
 def takes_checkpoint(function) -> bool:

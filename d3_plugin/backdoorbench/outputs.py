@@ -17,7 +17,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..files import (OutputNotWritable, StagedFolder, atomic_path, ensure_writable, write_bytes,  # noqa: F401
+from ..files import (OutputNotWritable, StagedFolder, atomic_path, ensure_writable, torch_save, write_bytes,  # noqa: F401
                      write_json, write_text)
 
 NAN = "nan_value"

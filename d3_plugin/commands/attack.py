@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("attack", help=f"attack name ({', '.join(sorted(attacks()))}) or {FLATTEN}")
     parser.add_argument("--out", required=True, help="record folder to write: <checkout>/record/<name>")
     parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    parser.add_argument("--data_root", "--data-root", dest="data_root", default=None,
+                        help="folder holding the dataset files")
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 10; sam-flatten 5)")
     parser.add_argument("--ratio", type=float, default=None, help="poisoning ratio (default: the attack's, 0.1)")

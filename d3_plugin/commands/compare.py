@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "shows mean ± std (min–max) over them (not with --seed)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", help="output folder (default <record>/compare)")
-    parser.add_argument("--data_root", help="dataset folder, if not where the record says")
+    parser.add_argument("--data_root", "--data-root", dest="data_root", help="dataset folder, if not where the record says")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="DEFENSE.PARAM=VALUE",
                         help="override one hyper-parameter, e.g. --set d3.lam=5 (repeatable)")
     parser.add_argument("--backdoorbench", metavar="PATH",

@@ -7,7 +7,7 @@ HELP = "plant a BadNets backdoor in Fashion-MNIST and remove it with FT and D3; 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--data-root", help="folder with the Fashion-MNIST idx files "
+    parser.add_argument("--data_root", "--data-root", dest="data_root", help="folder with the Fashion-MNIST idx files "
                         "(default: /usr/share/datasets/fashion-mnist)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)

@@ -79,8 +79,8 @@ def load_mnist_like(train: bool, root: Optional[str | os.PathLike] = None, *, fa
     images_path = _find_idx(folders, f"{prefix}-images-idx3-ubyte")
     labels_path = _find_idx(folders, f"{prefix}-labels-idx1-ubyte")
     if images_path is None or labels_path is None:
-        how = ("install it with `apt-get install dataset-fashion-mnist` or pass --data-root with the idx files"
-               if fashion else "pass --data-root pointing at torchvision's MNIST folder")
+        how = ("install it with `apt-get install dataset-fashion-mnist` or pass --data_root with the idx files"
+               if fashion else "pass --data_root pointing at torchvision's MNIST folder")
         raise DatasetNotFound(f"{torchvision_name} {prefix} idx files not found in "
                               f"{', '.join(map(str, folders)) or '(no folder given)'}; {how}")
     images = torch.from_numpy(_read_idx(images_path).copy()).unsqueeze(1)
@@ -232,7 +232,7 @@ def load_dataset(name: str, train: bool, root: Optional[str | os.PathLike] = Non
     if spec.name in ("fashion_mnist", "mnist"):
         return load_mnist_like(train, root, fashion=spec.name == "fashion_mnist")
     if root is None:
-        raise DatasetNotFound(f"{spec.name} needs a data root (--data-root) holding its files")
+        raise DatasetNotFound(f"{spec.name} needs a data root (--data_root) holding its files")
     if spec.name in ("cifar10", "cifar100"):
         return load_cifar(train, root, classes=spec.num_classes)
     if spec.name == "gtsrb":
