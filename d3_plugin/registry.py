@@ -56,6 +56,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Proto
 
 import yaml
 
+from .errors import one_line
 from .shipped import shipped_folder
 
 GROUPS = {"defense": "backdoorbench.defenses", "attack": "backdoorbench.attacks"}
@@ -98,6 +99,13 @@ class Entry:
     origin: str = DISTRIBUTION           # the distribution that provides it
     broken: str = ""                     # why a plugin cannot be used
 
+    def floating_fields(self) -> set:
+        """Fields whose default depends on the preset or the architecture (e.g. D3's lam and layers)."""
+        fields = {name for values in self.presets.values() for name in values}
+        if self.model_defaults is not None:
+            fields |= set(self.model_defaults(None, "default"))
+        return fields
+
     @property
     def where(self) -> str:
         """native | plugin class (BackdoorBench-style, needs a checkout) | backdoorbench (its script) |
@@ -133,7 +141,7 @@ def register_defense(name: str, *, config: Optional[type] = None, data: str = "c
         check_defend_function(function)
         entry = Entry(_key(name), "defense", function, config, data, dict(presets or {}), model_defaults,
                       dict(aliases or {}), dict(fixed or {}), origin=_distribution_of(function))
-        _REGISTERED[("defense", entry.name)] = entry
+        _claim(entry)
         function.registered_as = entry.name
         return function
     return decorate
@@ -144,8 +152,16 @@ def register_attack(attack, *, name: Optional[str] = None, config: Optional[type
     `config`)."""
     entry = Entry(_key(name or attack.name), "attack", attack, config, "poisoned", origin=_distribution_of(attack),
                   notes=notes or getattr(attack, "description", None) or _first_line(attack.__doc__))
-    _REGISTERED[("attack", entry.name)] = entry
+    _claim(entry)
     return attack
+
+
+def _claim(entry: Entry) -> None:
+    """Register `entry`; a name this package ships cannot be taken over by another package."""
+    existing = _REGISTERED.get((entry.group, entry.name))
+    if existing is not None and existing.origin == DISTRIBUTION and entry.origin != DISTRIBUTION:
+        raise ValueError(f"the {entry.group} name {entry.name!r} is taken by {DISTRIBUTION}; register under another name")
+    _REGISTERED[(entry.group, entry.name)] = entry
 
 
 def _distribution_of(obj) -> str:
@@ -286,14 +302,10 @@ def _plugins(group: str) -> List[Entry]:
         try:
             entry = _plugin_entry(point.name, group, point.load())
         except Exception as error:  # noqa: BLE001 - a broken plugin is listed, never fatal
-            entry = Entry(_key(point.name), group, broken=f"{type(error).__name__}: {_one_line(error)}")
+            entry = Entry(_key(point.name), group, broken=f"{type(error).__name__}: {one_line(error)}")
         entry.origin = f"{distribution or 'unknown distribution'} ({point.value})"
         found.append(entry)
     return found
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def load(group: str = "defense", notes: Optional[Path] = None) -> Dict[str, Entry]:
@@ -386,7 +398,7 @@ def make_config(entry: Entry, values: Mapping[str, Any]):
     try:
         return entry.config(**values)
     except TypeError as error:
-        raise ValueError(f"{entry.name}: {_one_line(error)}") from None
+        raise ValueError(f"{entry.name}: {one_line(error)}") from None
 
 
 def applicable(entry: Entry, values: Mapping[str, Any]) -> Dict[str, Any]:
@@ -403,7 +415,7 @@ def parse_assignment(item: str, option: str, example: str) -> Tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as error:
-        raise ValueError(f"{option} {item!r}: invalid YAML value ({_one_line(error)}); fix or quote it") from None
+        raise ValueError(f"{option} {item!r}: invalid YAML value ({one_line(error)}); fix or quote it") from None
 
 
 def config_hash(payload: Mapping) -> str:

@@ -265,6 +265,15 @@ def test_a_broken_plugin_is_listed_with_its_reason_and_breaks_nothing(third_part
     assert "needs-args" not in attacks()
 
 
+def test_a_plugin_cannot_take_over_a_name_we_ship():
+    def mine(model, clean_batches, config, *, on_epoch=None, progress=None):
+        return model, []
+    mine.__module__ = "acme_defense"
+    with pytest.raises(ValueError, match="'ft' is taken by d3-plugin"):
+        registry.register_defense("ft")(mine)
+    assert registry.get("ft").run.__module__ == "d3_plugin.defenses.ft"
+
+
 def test_a_defend_function_of_the_wrong_shape_cannot_be_registered():
     with pytest.raises(TypeError, match="does not match defend"):
         registry.register_defense("bad")(lambda model: model)

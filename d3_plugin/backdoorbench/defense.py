@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import contextlib
+import dataclasses
 import logging
 import re
 import sys
@@ -206,9 +207,14 @@ class BackdoorBenchDefense:
             parser.add_argument("--preset", type=str, help=f"{' | '.join(cls.entry.presets)}: which defaults "
                                 "unset values take (values set in the YAML or here win)")
         hints = registry.type_hints(cls.entry.config) if cls.entry.config else {}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls.entry.config)} if cls.entry.config else {}
         for field, names in cls.field_options().items():
+            default = defaults.get(field)
+            shown = "" if default is dataclasses.MISSING else f", default {default}"
+            if field in cls.entry.floating_fields():
+                shown = ", default: the preset's / the architecture's"
             parser.add_argument(*[f"--{n}" for n in names], dest=field, type=converter(hints.get(field)),
-                                help=f"{cls.entry.name} {field} ({_type_name(hints.get(field))})")
+                                help=f"{cls.entry.name}'s {field} ({_type_name(hints.get(field))}{shown})")
 
     # --- settings -----------------------------------------------------------------------------------
     def __init__(self, args: argparse.Namespace):
@@ -535,6 +541,11 @@ def takes_checkpoint(function) -> bool:
 
 
 def _type_name(hint) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return _type_name(args[0])
+    if typing.get_origin(hint) in (list, tuple, collections.abc.Sequence):
+        return f"comma-separated {_type_name(args[0]) if args else 'str'}s"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -119,11 +119,7 @@ def defense_lines(entry: registry.Entry, dataset: Optional[str]) -> List[str]:
     """`key: value` per config field (BackdoorBench's name where it has one); preset/architecture keys empty."""
     values = registry.settings(entry, dataset=dataset)
     names = {field: alias for alias, field in {**GENERIC_ALIASES, **entry.aliases}.items()}
-    floating = set()
-    for preset in entry.presets.values():
-        floating |= set(preset)
-    if entry.model_defaults is not None:
-        floating |= set(entry.model_defaults(None, "default"))
+    floating = entry.floating_fields()
     lines = [f"preset: default         # {' | '.join(entry.presets)}: which defaults the empty keys take"] \
         if entry.presets else []
     lines += [f"{key}: {_yaml_value(allowed[0])}   # the only value {entry.name} supports"
