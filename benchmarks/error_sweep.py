@@ -66,7 +66,7 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
     "defend, attack_result.pt empty": (defend(), lambda root: (root / "record/tiny/attack_result.pt").write_bytes(b"")),
     "defend, a poisoned PNG corrupt": (defend(), lambda root: _first_png(root).write_bytes(b"not a png")),
     "defend, a poisoned PNG missing": (defend(), lambda root: _first_png(root).unlink()),
-    "defend, output folder is a file": (defend(), lambda root: (root / "record/tiny/defense").write_text("x")),
+    "defend, output folder is a file": (defend(), lambda root: _replace_with_file(root / "record/tiny/defense")),
     "attack --epochs 0": (attack("--epochs", "0"), None),
     "attack --lr 0": (attack("--lr", "0"), None),
     "attack --train-size -5": (attack("--train-size", "-5"), None),
@@ -97,7 +97,7 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
     "defend --yaml_path missing": (defend("--yaml_path", "missing.yaml"), None),
     "defend --index out of range": (defend("--index", "idx.txt"), lambda root: (root / "idx.txt").write_text("99999999\n")),
     "defend --index not integers": (defend("--index", "idx.txt"), lambda root: (root / "idx.txt").write_text("a\nb\n")),
-    "defend --ratio 0.0001 (empty reserved set)": (defend("--ratio", "0.0001"), None),
+    "defend --ratio 0.00001 (empty reserved set)": (defend("--ratio", "0.00001"), None),
     "defend --eval_every 0": (defend("--eval_every", "0"), None),
     "defend --eval_batch_size -1": (defend("--eval_batch_size", "-1"), None),
     "defend --frequency_save 3 --eval_every 2": (defend("--frequency_save", "3", "--eval_every", "2"), None),
@@ -159,6 +159,11 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
 
 def _truncate(path: Path, size: int = 1000) -> None:
     path.write_bytes(path.read_bytes()[:size])
+
+
+def _replace_with_file(path: Path) -> None:
+    shutil.rmtree(path)
+    path.write_text("a file where the output folder should be")
 
 
 class _Hostile:
@@ -271,7 +276,10 @@ def make_checkout(work: Path) -> Path:
     return base
 
 
-def fingerprint(folder: Path) -> dict:
+def fingerprint(folder: Path):
+    """sha256 of every file below `folder` (None when it is not a folder)."""
+    if not folder.is_dir():
+        return None
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -316,7 +324,6 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/d3_error_sweep"))
     args = parser.parse_args(argv)
     base = make_checkout(args.work)
-    first_run = fingerprint(base / "record/tiny/defense/d3")
     totals = {"cases": 0, "as expected": 0, "one-line": 0, "traceback": 0, "partial or mixed": 0,
               "unsafe loads": 0, "lost user edits": 0}
     print("| case | outcome | expected | exit | last stderr line |\n|---|---|---|---|---|")
@@ -327,6 +334,7 @@ def main(argv=None) -> int:
         shutil.copytree(base, root, symlinks=True)
         if prepare is not None:
             prepare(root)
+        first_run = fingerprint(root / "record/tiny/defense/d3")
         done = run_case(root, command)
         outcome = classify(done)
         problems = []

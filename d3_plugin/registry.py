@@ -396,9 +396,42 @@ def make_config(entry: Entry, values: Mapping[str, Any]):
         return None
     _check_fields(entry, values, entry.name)
     try:
-        return entry.config(**values)
+        config = entry.config(**values)
     except TypeError as error:
         raise ValueError(f"{entry.name}: {one_line(error)}") from None
+    check_common(entry, config)
+    return config
+
+
+# fields many configs share, checked for every defense: name → (test, what it must be)
+COMMON_FIELDS = {
+    "batch_size": (lambda v: _integer(v) and v >= 1, "an integer ≥ 1"),
+    "lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number ≥ 0"),
+    "seed": (lambda v: _integer(v) and v >= 0, "an integer ≥ 0"),
+}
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    import math
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_common(entry: Entry, config) -> None:
+    """One-line ValueError for a shared field out of range, and for a budget field that is not a count ≥ 0
+    (a defense's own checks live in its config's __post_init__)."""
+    for name in budget_fields(entry.config):
+        value = getattr(config, name)
+        if value is not None and not (_integer(value) and value >= 0):
+            raise ValueError(f"{entry.name}: {name} must be an integer ≥ 0, got {value!r}")
+    for name, (valid, what) in COMMON_FIELDS.items():
+        if hasattr(config, name) and not valid(getattr(config, name)):
+            raise ValueError(f"{entry.name}: {name} must be {what}, got {getattr(config, name)!r}")
 
 
 def applicable(entry: Entry, values: Mapping[str, Any]) -> Dict[str, Any]:

@@ -16,6 +16,8 @@ def run(capsys, *argv):
     (["attack", "badnets", "--param", "size=[1, 2"], "invalid YAML"),
     (["attack", "badnets", "--device", "tpu", "--epochs", "1"], "unknown device 'tpu'; use auto, cpu, cuda"),
     (["compare", "--result_file", "no_such_record", "--set", "d3.lam=[oops"], "invalid YAML"),
+    (["compare", "--result_file", "no_such_record", "--defenses", "d3,nope"], "unknown defense 'nope'; known: "),
+    (["compare", "--result_file", "no_such_record", "--defenses", "bb:nope"], "unknown defense 'nope'"),
 ])
 def test_bad_options_are_one_line_with_status_2(tmp_path, capsys, argv, expected):
     if argv[0] == "attack":

@@ -93,6 +93,18 @@ def test_budget_caps_dependent_fields_and_explicit_values_win():
     assert registry.build("i-bau", budget=4).config.rounds == 4
 
 
+@pytest.mark.parametrize("name", sorted(NATIVE - {"clp"}))
+@pytest.mark.parametrize("values, message", [({"budget": -1}, "≥ 0"),  # the config's own check may come first
+                                             ({"batch_size": 0}, "batch_size must be an integer ≥ 1"),
+                                             ({"seed": -3}, "seed must be an integer ≥ 0")])
+def test_shared_fields_are_checked_for_every_defense(name, values, message):
+    fields = registry.field_names(registry.get(name).config)
+    if not set(values) - {"budget"} <= set(fields):
+        pytest.skip(f"{name} has no {', '.join(values)}")
+    with pytest.raises(ValueError, match=message):
+        registry.build(name, **values)
+
+
 def test_config_hash_follows_the_configuration():
     a, b = registry.build("d3", epochs=5), registry.build("d3", epochs=5)
     assert a.hash() == b.hash() != registry.build("d3", epochs=6).hash()

@@ -158,8 +158,8 @@ def record_location(result_file: str) -> Path:
     given = Path(result_file)
     if given.name == "attack_result.pt":
         return given.parent
-    if (given / "attack_result.pt").is_file() or given.is_absolute():
-        return given
+    if given.is_absolute() or given.exists() or given.parts[:1] == ("record",):
+        return given  # a path (checkouts name records by their folder under record/)
     return Path("record") / result_file
 
 

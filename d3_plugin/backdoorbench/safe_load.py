@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def safe_torch_load(path: str | os.PathLike):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise _explain(path, error) from None
-    except (EOFError, RuntimeError, OSError, ValueError, KeyError, IndexError) as error:
+    except (EOFError, RuntimeError, OSError, ValueError, KeyError, IndexError, struct.error) as error:
         raise CheckpointError(f"{path} is truncated or corrupt ({_first_sentence(error)}); re-create it (re-run the attack "
                               f"or copy it again)") from None
 

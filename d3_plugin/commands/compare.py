@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..backdoorbench.records import load_attack_result
-    from ..compare import bench_from_record, check_overrides, compare, parse_overrides, parse_seeds, text_table
+    from .. import registry
+    from ..compare import (BB_PREFIX, bench_from_record, check_overrides, compare, parse_overrides, parse_seeds,
+                           text_table)
 
     if not args.result_file:
         raise ValueError("--result_file is required: an attack record folder (record/<attack>) or its attack_result.pt")
@@ -49,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.defenses.split(",") if n.strip()]
     if not names:
         raise ValueError("--defenses is empty; name at least one defense, e.g. --defenses d3,ft")
+    for name in names:  # unknown names fail here, in one line, before any data is read
+        registry.get(name[len(BB_PREFIX):] if name.lower().startswith(BB_PREFIX) else name)
     overrides = parse_overrides(args.overrides)
     check_overrides(overrides)
     seeds = parse_seeds(args.seeds, args.seed)
