@@ -12,11 +12,10 @@ import torch
 
 
 class SAM:
-    def __init__(self, base_optimizer: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = True,
-                 eta: float = 0.0):
+    def __init__(self, base_optimizer: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = True):
         if rho < 0:
             raise ValueError(f"SAM needs rho ≥ 0, got {rho}")
-        self.base, self.rho, self.adaptive, self.eta = base_optimizer, rho, adaptive, eta
+        self.base, self.rho, self.adaptive = base_optimizer, rho, adaptive
 
     @property
     def param_groups(self):
@@ -29,7 +28,7 @@ class SAM:
         return [p for group in self.base.param_groups for p in group["params"] if p.grad is not None]
 
     def _scale(self, p: torch.Tensor) -> torch.Tensor:
-        return p.abs() + self.eta if self.adaptive else torch.ones_like(p)
+        return p.abs() if self.adaptive else torch.ones_like(p)
 
     @torch.no_grad()
     def _perturb(self) -> list:

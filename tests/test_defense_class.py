@@ -648,3 +648,43 @@ def test_a_killed_run_resumes_to_the_same_model_bit_for_bit(checkout, tmp_path, 
         parser = argparse.ArgumentParser()
         defense_class("clp").add_arguments(parser)
         defense_class("clp")(parser.parse_args(["--yaml_path", "", "--resume", "True"]))
+
+
+SIGKILL_IN_EPOCH_3 = """
+import os, runpy, signal, sys
+import d3_plugin.bench as bench
+evaluate, calls = bench.Bench.evaluate, []
+def killed(self, *args, **kwargs):  # before, epochs 1 and 2, then SIGKILL in epoch 3's evaluation
+    calls.append(1)
+    if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return evaluate(self, *args, **kwargs)
+bench.Bench.evaluate = killed
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_an_installed_script_killed_by_sigkill_resumes_to_the_same_model_bit_for_bit(checkout, tmp_path):
+    """Subprocesses: an uninterrupted run, a run SIGKILLed in epoch 3, then `--resume True`."""
+    root = clone_checkout(checkout, tmp_path)
+    (root / "defense").mkdir()
+    install.install(root)
+    argv = ["defense/d3.py", "--result_file", RECORD, "--yaml_path", "./config/defense/d3/mnist.yaml", "--epochs", "4",
+            "--ratio", "0.1", "--batch_size", "32", "--device", "cpu", "--precision", "fp32"]
+    save = root / "record" / RECORD / "defense"
+
+    def run(*command):
+        return subprocess.run([sys.executable, *command], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run(*argv).returncode == 0
+    whole = safe_torch_load(save / "d3" / "defense_result.pt")["model"]
+    shutil.rmtree(save / "d3")
+    killed = run("-c", SIGKILL_IN_EPOCH_3, *argv)
+    assert killed.returncode == -9 and not (save / "d3").exists()
+    assert safe_torch_load(save / ".d3.resume.pt")["done"] == 2
+    resumed = run(*argv, "--resume", "True")
+    assert resumed.returncode == 0, resumed.stderr[-1000:]
+    result = safe_torch_load(save / "d3" / "defense_result.pt")["model"]
+    assert set(result) == set(whole) and all(torch.equal(result[k], whole[k]) for k in whole)
+    rows = list(csv.reader(open(save / "d3" / "d3_df.csv")))
+    assert [row[1] for row in rows[1:]] == ["0", "1", "2", "3"]  # the resumed run's table has every epoch

@@ -23,8 +23,8 @@ spatial positions of the unaugmented reserved set, [mean − init_k·std, mean +
 identity there), widened by 1e-3 · its width + 1e-6 on each side. Why not [min, max] by default: u gets
 no gradient from the penalty (only m does), so from [min, max] the intervals shrink from below only
 (raising the lower bound of ReLU channels above their many zeros) and the upper bound, where triggers
-push activations, barely moves; on the tiny Fashion-MNIST BadNets CNN of tests/conftest.py, 50 epochs
-from [min, max] left the ASR at 0.96, while mean ± 3σ brought it to 0.16 before any training.
+push activations, barely moves (seen once, on the tiny BadNets CNN of tests/conftest.py and one seed: an
+observation that chose the default, not an efficacy result; docs/badacts.md).
 
 Default layers (`layers=None`): (1) the model's direct children named `layer1`, `layer2`, … (residual
 stages: PreAct-ResNet18 and torchvision ResNets → layer1..layer4); otherwise (2) every nn.Sequential
