@@ -223,3 +223,9 @@ def test_a_record_made_on_a_smaller_test_split_loads_back(tmp_path):
                  "--out", str(out), "--device", "cpu", "--batch-size", "32"]) == 0
     record = load_attack_result(out, data_root=str(folder.parent))
     assert (len(record.clean_train), len(record.clean_test)) == (100, 20)
+    with open(folder / "test_batch", "wb") as f:  # the dataset changed under the record: 30 test images
+        pickle.dump({b"data": rng.integers(0, 256, (30, 3072), dtype=np.uint8),
+                     b"labels": rng.integers(0, 10, 30).tolist()}, f, protocol=2)
+    with pytest.raises(ValueError, match="made on a split of 20 images, but the dataset read for it has 30; "
+                                         "point --data_root at the data the attack used"):
+        load_attack_result(out, data_root=str(folder.parent))
