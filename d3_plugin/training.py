@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import one_line
 from .files import torch_save
 from .precision import Precision, model_device, resolve_precision
 from .sam import SAM
@@ -210,7 +211,8 @@ class EpochCheckpoint:
                 scaler.load_state_dict(state["scaler"])
             restore_rng_states(state["rng"], batches)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
-            raise ValueError(f"checkpoint {self.path} does not fit this run ({one_line(error)}); "
+            raise ValueError(f"checkpoint {self.path} does not fit this run ({type(error).__name__}: "
+                             f"{one_line(error)[:160]}); "
                              f"{RESUME_FIX}") from None
         return list(state["history"])
 
@@ -235,11 +237,6 @@ class EpochCheckpoint:
             raise ValueError(f"checkpoint {self.path} belongs to another run (its {different} differs: another "
                              f"input model or settings?); {RESUME_FIX}")
         return state
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:160]}" if text else type(error).__name__
 
 
 def first_difference(stored, given, name: str = "extra") -> Optional[str]:

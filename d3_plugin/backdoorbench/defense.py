@@ -88,6 +88,7 @@ STANDARD = {
 }
 GENERIC_ALIASES = {"sgd_momentum": "momentum", "wd": "weight_decay"}  # BackdoorBench name → config field
 RUN_KEYS = ("random_seed", "precision", "amp", "eval_every", "eval_batch_size")  # set by the adapter itself
+RUN_FIELDS = ("seed", "precision", "eval_every", "eval_batch_size")  # what run_settings() offers to configs
 STANDARD_YAML = "backdoorbench.yaml"  # in the shipped configs/: the run defaults, one place
 
 
@@ -363,13 +364,9 @@ class BackdoorBenchDefense:
         logger.info(pformat(self.args.__dict__))
 
     def set_trainer(self, model) -> None:
-        """Bind the model and the defense; `self.trainer(batches, on_epoch=)` runs it."""
+        """Bind the model to purify and the runnable defense (`registry.Defense`) built from the settings."""
         self.model = model
         self.runnable = registry.Defense(self.entry, self.config)
-
-        def trainer(batches, on_epoch=None, **extra):
-            return self.runnable(self.model, batches, on_epoch=on_epoch, progress=self.NAME, **extra)
-        self.trainer = trainer
 
     def _device(self):
         device = str(getattr(self.args, "device", None) or "auto")
@@ -410,7 +407,7 @@ class BackdoorBenchDefense:
         index = [] if bench.reserved is None else bench.reserved.source_index.tolist()
         logger.info("%s on %s (%s, %s) with %d reserved samples on %s in %s%s; config %s", entry.name, record.folder,
                     args.model, record.dataset, len(index), device, self.precision.name,
-                    " (channels_last)" if self.precision.channels_last else "", registry.Defense(entry, self.config).config_dict())
+                    " (channels_last)" if self.precision.channels_last else "", self.runnable.config_dict())
         loaders = bench.test_loaders()
         before = bench.evaluate(bench.model, loaders)
         logger.info("before: %s", _rounded(before))
@@ -467,7 +464,7 @@ class BackdoorBenchDefense:
                              "random_seed": int(getattr(args, "random_seed", None) or 0)},
                 "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
                 "der": defense_effectiveness_rate(before["acc"], before["asr"], after["acc"], after["asr"]),
-                "config": registry.Defense(self.entry, self.config).config_dict(), "seconds": round(seconds, 2),
+                "config": self.runnable.config_dict(), "seconds": round(seconds, 2),
                 "history": history}
 
     def _write(self, purified, history, index, summary) -> None:
