@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -42,6 +42,7 @@ class Bench:
     model_name: Optional[str] = None  # picks per-architecture defaults such as D3's layers
     precision: Any = "fp32"  # of the evaluation passes (d3_plugin.precision)
     track: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None  # per-epoch curves, if wanted
+    calibration_report: Optional[Dict[str, Any]] = None  # set by with_auxiliary(calibration=...)
 
     def test_loaders(self) -> Tuple[Loader, Loader]:
         return (Loader(self.clean_test, self.spec, self.eval_batch_size, device=self.device),
@@ -72,6 +73,24 @@ class Bench:
         purified, history = defense(model, self.reserved_batches(batch_size), on_epoch=on_epoch or self.track,
                                     progress=defense.name, **extra)
         return purified, history, time.perf_counter() - started
+
+
+def with_auxiliary(bench: Bench, source: Optional[str] = None, calibration=None) -> Bench:
+    """The bench with its reserved set replaced by auxiliary data (`source`, see d3_plugin.auxiliary: id,
+    corrupt:KIND[:SEVERITY], digits[:N], inversion[:N]) and/or calibrated for the bench's model by a
+    `registry.Calibration` such as GIC. Both enter the bench identity, so every result hash tells them apart."""
+    if bench.reserved is None or (source in (None, "id") and calibration is None):
+        return bench
+    from .auxiliary import auxiliary_set, parse_source
+
+    spec = parse_source(source or "id")
+    data, labeled = auxiliary_set(spec, bench.reserved, bench.model, bench.spec, seed=bench.seed, device=bench.device)
+    identity, report = {**bench.identity, "reserved_source": str(spec)}, None
+    if calibration is not None:
+        data, report = calibration(bench.model, data, bench.spec, labeled=labeled, device=bench.device,
+                                   progress=calibration.name)
+        identity["calibration"] = calibration.hash()
+    return replace(bench, reserved=data, identity=identity, calibration_report=report)
 
 
 def poisoned_only(bd_test: ImageSet) -> ImageSet:

@@ -45,7 +45,8 @@ STAT_COLUMNS = tuple(f"{m}{s}" for m in METRICS for s in ("", "_std", "_min", "_
 AGGREGATE_COLUMNS = ("defense", "seed", "n", "runs", *STAT_COLUMNS, "config_hash", "error")
 CSV_COLUMNS = ("defense", "seed", "n", "runs", *STAT_COLUMNS, "config_hash", "reserved", "error")
 MEAN = "mean"
-SEED_KEYS = ("seed", "ratio", "index_file", "reserved")  # identity keys the no-defense row does not depend on
+# identity keys the no-defense row does not depend on
+SEED_KEYS = ("seed", "ratio", "index_file", "reserved", "reserved_source", "calibration")
 MAX_SEED = 2 ** 32 - 1  # numpy's limit
 NO_DEFENSE = "no defense"
 CACHE = "compare_cache.json"
@@ -94,15 +95,17 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
 
 
 def check_overrides(overrides: Mapping[str, Mapping[str, Any]]) -> None:
-    """Build every `--set NAME…` defense once with its overrides (registry.build checks names and values),
-    so a bad one fails in one line before any data is read. `bb:NAME` rows take BackdoorBench's own
-    argument names and are not checked."""
+    """Build every `--set NAME…` defense (or calibration, e.g. gic) once with its overrides (the registry
+    checks names and values), so a bad one fails in one line before any data is read. `bb:NAME` rows take
+    BackdoorBench's own argument names and are not checked."""
+    calibrations = registry.names("calibration")
     for name, params in overrides.items():
-        if not name.startswith(BB_PREFIX):
-            try:
-                registry.build(name, None, **params)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"--set: {error}") from None
+        if name.startswith(BB_PREFIX):
+            continue
+        try:
+            registry.build_calibration(name, **params) if name in calibrations else registry.build(name, None, **params)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--set: {error}") from None
 
 
 def build_for(name: str, bench: Bench, *, epochs: Optional[int] = None,

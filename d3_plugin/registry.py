@@ -59,12 +59,13 @@ import yaml
 from .errors import one_line
 from .shipped import shipped_folder
 
-GROUPS = {"defense": "backdoorbench.defenses", "attack": "backdoorbench.attacks"}
+GROUPS = {"defense": "backdoorbench.defenses", "attack": "backdoorbench.attacks",
+          "calibration": "backdoorbench.calibrations"}
 DATA_KINDS = ("clean", "none", "poisoned")
 DISTRIBUTION = "d3-plugin"
-BUILTIN_MODULES = ("d3_plugin.d3", "d3_plugin.attacks.registry")
+BUILTIN_MODULES = ("d3_plugin.d3", "d3_plugin.attacks.registry", "d3_plugin.gic")
 BUILTIN_PACKAGES = ("d3_plugin.defenses",)
-YAML_KEYS = {"name", "title", "paper", "source", "overrides", "notes", "backdoorbench", "data"}
+YAML_KEYS = {"name", "group", "title", "paper", "source", "overrides", "notes", "backdoorbench", "data"}
 
 
 class DefendFunction(Protocol):
@@ -154,6 +155,17 @@ def register_attack(attack, *, name: Optional[str] = None, config: Optional[type
                   notes=notes or getattr(attack, "description", None) or _first_line(attack.__doc__))
     _claim(entry)
     return attack
+
+
+def register_calibration(name: str, *, config: Optional[type] = None):
+    """Decorator: register a data-side step that transforms the reserved (auxiliary) set before any defense:
+    `calibrate(model, data, spec, config, *, labeled, device, progress) -> (ImageSet, report)`."""
+    def decorate(function):
+        entry = Entry(_key(name), "calibration", function, config, "auxiliary", origin=_distribution_of(function))
+        _claim(entry)
+        function.registered_as = entry.name
+        return function
+    return decorate
 
 
 def _claim(entry: Entry) -> None:
@@ -247,10 +259,16 @@ def apply_notes(entry: Entry, raw: Mapping[str, Any]) -> Entry:
 def _plugin_entry(name: str, group: str, obj: Any) -> Entry:
     """The entry for a loaded entry-point object (TypeError/ValueError: not a valid shape)."""
     registered = getattr(obj, "registered_as", None)
-    if registered and ("defense", registered) in _REGISTERED and group == "defense":
-        return _REGISTERED[("defense", registered)]
+    if registered and (group, registered) in _REGISTERED and group != "attack":
+        return _REGISTERED[(group, registered)]
     if group == "attack":
         return _attack_plugin(name, obj)
+    if group == "calibration":
+        if not callable(obj) or isinstance(obj, type):
+            raise TypeError(f"a calibration plugin must be a function registered with register_calibration, "
+                            f"got {type(obj).__name__}")
+        return Entry(_key(name), "calibration", obj, getattr(obj, "config_class", None),
+                     notes=_first_line(obj.__doc__))
     if isinstance(obj, Mapping):
         entry = apply_notes(Entry(_key(name)), {**obj, "origin": f"entry point {name}"})
         if entry.where == "unavailable":
@@ -312,14 +330,14 @@ def load(group: str = "defense", notes: Optional[Path] = None) -> Dict[str, Entr
     """Every entry of `group` by name: registered modules, shipped notes (`registry/*.yaml`, defenses),
     then plugins (a name we ship wins over a plugin's)."""
     if group not in GROUPS:
-        raise ValueError(f"unknown group {group!r}; use {' or '.join(GROUPS)}")
+        raise ValueError(f"unknown group {group!r}; use {', '.join(GROUPS)}")
     _import_builtins()
     entries = {name: copy.copy(entry) for (g, name), entry in _REGISTERED.items() if g == group}
     for entry in entries.values():  # fresh per load: notes below fill them
         entry.overrides, entry.override_sources = dict(entry.overrides), dict(entry.override_sources)
-    if group == "defense":
-        for name, raw in _read_notes(notes or shipped_folder("registry")).items():
-            apply_notes(entries.setdefault(name, Entry(name)), raw)
+    for name, raw in _read_notes(notes or shipped_folder("registry")).items():
+        if raw.get("group", "defense") == group:
+            apply_notes(entries.setdefault(name, Entry(name, group)), raw)
     for entry in _plugins(group):
         entries.setdefault(entry.name, entry)
     return dict(sorted(entries.items()))
@@ -512,6 +530,35 @@ def build(name: str, dataset: Optional[str] = None, *, model: Optional[str] = No
                                                         if budget is not None}}
     values = settings(entry, dataset=dataset, model=model, preset=preset, layers=[shared, overrides])
     return Defense(entry, make_config(entry, values))
+
+
+@dataclass
+class Calibration:
+    """A runnable calibration of the reserved set: `calibration(model, data, spec, labeled=, device=)` →
+    (calibrated ImageSet, report)."""
+
+    entry: Entry
+    config: Any
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def config_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self.config) if self.config is not None else {}
+
+    def hash(self) -> str:
+        return config_hash({"name": self.name, "config": self.config_dict()})
+
+    def __call__(self, model, data, spec, *, labeled: bool = True, device="cpu", progress=None):
+        return self.entry.run(model, data, spec, self.config, labeled=labeled, device=device, progress=progress)
+
+
+def build_calibration(name: str, *, seed: Optional[int] = None, **overrides) -> Calibration:
+    """A runnable calibration (e.g. "gic") with its defaults, the run's `seed` and the `overrides`."""
+    entry = get(name, "calibration")
+    run = applicable(entry, {"seed": seed})
+    return Calibration(entry, make_config(entry, settings(entry, layers=[run, overrides])))
 
 
 def run_plugin_class(name: str, argv: builtins.list) -> int:

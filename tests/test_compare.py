@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from d3_plugin import compare as cmp
+from d3_plugin import registry
 from d3_plugin.attacks import BadNets, poison_test_set
 from d3_plugin.backdoorbench import records
 from d3_plugin.data import ImageSet, dataset_spec
@@ -319,3 +320,39 @@ def test_compare_runs_d3_in_the_precision_of_the_other_defenses_unless_told():
     assert (config.precision, config.seed, config.epochs, list(config.layers)) == ("fp32", 3, 2,
                                                                                    ["layer3", "layer4", "linear"])
     assert build_for("d3", bench, overrides={"precision": "auto"}).config.precision == "auto"
+
+
+def test_auxiliary_reserved_data_and_gic_enter_the_identity_and_the_command_line(record, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from d3_plugin.bench import with_auxiliary
+    from d3_plugin.commands import compare as command
+
+    bench = cmp.bench_from_record(record, ratio=0.25, seed=0, device="cpu")
+    assert with_auxiliary(bench, "id") is bench
+    noisy = with_auxiliary(bench, "corrupt:noise:2")
+    assert noisy.identity["reserved_source"] == "corrupt:noise:2" and "calibration" not in noisy.identity
+    assert torch.equal(noisy.reserved.labels, bench.reserved.labels)
+    assert not torch.equal(noisy.reserved.images, bench.reserved.images)
+    calibrated = with_auxiliary(bench, "corrupt:noise:2", registry.build_calibration("gic", epochs=1))
+    assert calibrated.identity["calibration"] and calibrated.calibration_report["labels"] == "given"
+
+    monkeypatch.setattr(records, "load_attack_result", lambda path, data_root=None: record)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    common = ["--result_file", str(record.folder), "--defenses", "ft", "--epochs", "1", "--ratio", "0.25",
+              "--device", "cpu"]
+    rows = {}
+    for extra in ([], ["--reserved-source", "digits", "--calibrate", "gic", "--set", "gic.epochs=1"]):
+        out = tmp_path / f"cli{len(extra)}"
+        assert command.run(parser.parse_args(common + extra + ["--out", str(out)])) == 0
+        rows[len(extra)] = json.loads((out / "compare.json").read_text())["rows"]
+    printed = capsys.readouterr().out
+    assert "gic (seed 0) on digits: BN-statistics distance" in printed and "labels victim" in printed
+    assert rows[0][0]["config_hash"] == rows[6][0]["config_hash"], "the no-defense row does not depend on them"
+    assert rows[0][1]["config_hash"] != rows[6][1]["config_hash"]
+    with pytest.raises(ValueError, match="bad auxiliary source 'nope'"):
+        command.run(parser.parse_args(common + ["--reserved-source", "nope"]))
+    with pytest.raises(ValueError, match="unknown calibration 'gac'"):
+        command.run(parser.parse_args(common + ["--calibrate", "gac"]))
+    with pytest.raises(ValueError, match="--set: gic: norm must be one of"):
+        command.run(parser.parse_args(common + ["--calibrate", "gic", "--set", "gic.norm=l1"]))

@@ -25,16 +25,18 @@ def test_every_defense_and_attack_we_ship_is_registered_and_described():
     entries = registry.load()
     assert {n for n, e in entries.items() if e.where == "native"} == NATIVE
     assert {"nc", "npd", "rnp"} <= {n for n, e in entries.items() if e.where == "backdoorbench"}
-    assert {"gic"} <= {n for n, e in entries.items() if e.where == "unavailable"}
+    assert "gic" not in entries  # a calibration, not a defense
     for entry in entries.values():
         assert entry.paper.get("title"), f"{entry.name}: paper title missing"
         assert entry.data in registry.DATA_KINDS
         if entry.where == "native":
             assert dataclasses.is_dataclass(entry.config) and entry.source, entry.name
     assert set(registry.names("attack")) == ATTACKS
+    assert [(e.name, e.where) for e in registry.list_entries("calibration")] == [("gic", "native")]
+    assert registry.get("gic", "calibration").paper["arxiv"] == "2502.07231"
 
 
-@pytest.mark.parametrize("group", ["defenses", "attacks"])
+@pytest.mark.parametrize("group", ["defenses", "attacks", "calibrations"])
 def test_setup_cfg_entry_points_name_exactly_the_registered_objects(group):
     """Our entry points (setup.cfg, installed metadata) and the registry agree, object for object."""
     parser = configparser.ConfigParser()
@@ -115,8 +117,10 @@ def test_unknown_names_and_parameters_are_one_line_errors():
         registry.get("nope")
     with pytest.raises(ValueError, match="unknown hyper-parameter.*lamda.*valid: .*lam"):
         registry.build("d3", lamda=3)
-    with pytest.raises(ValueError, match="no implementation"):
+    with pytest.raises(ValueError, match="unknown defense 'gic'"):
         registry.build("gic")
+    with pytest.raises(ValueError, match="gic: norm must be one of"):
+        registry.build_calibration("gic", norm="l1")
     with pytest.raises(ValueError, match="unknown attack 'nope'"):
         get_attack("nope")
     with pytest.raises(ValueError, match="not a trigger attack"):

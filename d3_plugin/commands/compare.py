@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", help="output folder (default <record>/compare)")
     parser.add_argument("--data_root", "--data-root", dest="data_root", help="dataset folder, if not where the record says")
+    parser.add_argument("--reserved-source", "--reserved_source", dest="reserved_source", default="id",
+                        help="auxiliary data in place of the reserved draw: id (default), corrupt:KIND[:SEVERITY] "
+                             "(noise, blur, brightness, contrast, jpeg, rotate; 1-5), digits[:N], inversion[:N]; "
+                             "see docs/gic.md")
+    parser.add_argument("--calibrate", metavar="NAME",
+                        help="calibrate the reserved data for the model before every defense, e.g. gic "
+                             "(its settings: --set gic.delta=0.05)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="DEFENSE.PARAM=VALUE",
                         help="override one hyper-parameter, e.g. --set d3.lam=5 (repeatable)")
     parser.add_argument("--backdoorbench", metavar="PATH",
@@ -39,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from ..auxiliary import parse_source
     from ..backdoorbench.records import load_attack_result
     from .. import registry
     from ..compare import (BB_PREFIX, bench_from_record, check_overrides, compare, parse_overrides, parse_seeds,
@@ -56,14 +64,36 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     check_overrides(overrides)
     seeds = parse_seeds(args.seeds, args.seed)
+    source = parse_source(args.reserved_source)
+    if args.calibrate:
+        registry.get(args.calibrate, "calibration")
     record = load_attack_result(args.result_file, args.data_root)
-    benches = [bench_from_record(record, ratio=args.ratio, seed=s, device=args.device, index_file=args.index)
+    benches = [auxiliary_bench(bench_from_record(record, ratio=args.ratio, seed=s, device=args.device,
+                                                 index_file=args.index), source, args.calibrate, overrides)
                for s in seeds]
     out = Path(args.out) if args.out else Path(record.folder) / "compare"
-    print(f"compare on {record.folder} ({record.model_name}, {record.dataset}): {len(benches[0].reserved)} "
-          f"reserved samples, seed{'s' * (len(seeds) > 1)} {','.join(map(str, seeds))}, "
-          f"device {benches[0].device}; results in {out}")
+    reserved = f"{len(benches[0].reserved)} reserved samples ({source}" + (f", calibrated by {args.calibrate})"
+                                                                          if args.calibrate else ")")
+    print(f"compare on {record.folder} ({record.model_name}, {record.dataset}): {reserved}, "
+          f"seed{'s' * (len(seeds) > 1)} {','.join(map(str, seeds))}, device {benches[0].device}; results in {out}")
     rows = compare(benches, names, epochs=args.epochs, out=out, overrides=overrides, backdoorbench=args.backdoorbench,
                    bb_device=args.backdoorbench_device, bb_python=args.backdoorbench_python or sys.executable)
     print(text_table(rows))
     return 1 if any(row["error"] for row in rows) else 0
+
+
+def auxiliary_bench(bench, source, calibrate, overrides):
+    """The bench on its auxiliary reserved data, calibrated if asked (one line each on what GIC did)."""
+    from .. import registry
+    from ..bench import with_auxiliary
+
+    calibration = None
+    if calibrate:
+        calibration = registry.build_calibration(calibrate, seed=bench.seed, **overrides.get(calibrate.lower(), {}))
+    bench = with_auxiliary(bench, str(source), calibration)
+    report = bench.calibration_report
+    if report:
+        print(f"{calibration.name} (seed {bench.seed}) on {source}: BN-statistics distance {report['bn_before']:.3f} → "
+              f"{report['bn_after']:.3f}, largest change {report['max_change']:.4f}, labels {report['labels']}")
+    return bench
+

@@ -1,20 +1,22 @@
-"""`d3-plugin list`: every defense and attack — ours, BackdoorBench-script-only ones and plugins."""
+"""`d3-plugin list`: every defense, attack and reserved-data calibration — ours, BackdoorBench-script-only
+ones and plugins."""
 from __future__ import annotations
 
 import argparse
 
 NAME = "list"
-HELP = "list every defense and attack: where it runs (native / BackdoorBench script / plugin), data, paper"
+HELP = ("list every defense, attack and reserved-data calibration: where it runs (native / BackdoorBench script / "
+        "plugin), data, paper")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--group", choices=["defenses", "attacks"], help="only this group")
+    parser.add_argument("--group", choices=["defenses", "attacks", "calibrations"], help="only this group")
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import registry
 
-    groups = [args.group[:-1]] if args.group else ["defense", "attack"]
+    groups = [args.group[:-1]] if args.group else list(registry.GROUPS)
     for group in groups:
         entries = registry.list_entries(group)
         print(f"{group}s ({registry.GROUPS[group]}): {len(entries)}")
