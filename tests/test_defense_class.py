@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -337,7 +338,9 @@ def test_bad_input_is_one_line_and_writes_no_result(checkout, tmp_path, monkeypa
 @pytest.mark.parametrize("argv, expected", [
     (["--lr", "nan"], "lr must be a finite number"), (["--lmd", "inf"], "lam must be a finite number"),
     (["--eps", "nan"], "eps must be a finite number"), (["--batch_size", "0"], "batch_size must be an integer ≥ 1"),
-    (["--frequency_save", "-1"], "frequency_save must be ≥ 0"), (["--ratio", "1.5"], "ratio must be a fraction")])
+    (["--frequency_save", "-1"], "frequency_save must be ≥ 0"), (["--ratio", "1.5"], "ratio must be a fraction"),
+    (["--reserved_source", "corrupt:fog"], "bad auxiliary source 'corrupt:fog'"),
+    (["--calibrate", "gac"], "unknown calibration 'gac'")])
 def test_bad_settings_fail_in_one_line_before_any_data_is_read(tmp_path, monkeypatch, capsys, argv, expected):
     """The record named does not even exist: the settings are refused first."""
     monkeypatch.chdir(tmp_path)
@@ -414,6 +417,19 @@ def test_eval_every_3_of_5_epochs_evaluates_epochs_3_and_5(checkout, tmp_path, m
     assert report["precision"] == "bf16" and report["config"]["eval_every"] == 3
     assert report["after"]["acc"] == pytest.approx(float(rows[-1]["test_acc"]))
     assert result["after"]["acc"] == report["after"]["acc"]
+
+
+def test_a_calibrated_auxiliary_reserved_set_is_used_and_reported(checkout, tmp_path, monkeypatch):
+    root = clone_checkout(checkout, tmp_path)
+    monkeypatch.chdir(root)
+    result = main(["--yaml_path", "./config/defense/d3/mnist.yaml", "--result_file", RECORD, "--epochs", "1",
+                   "--ratio", "0.1", "--batch_size", "64", "--reserved_source", "corrupt:blur:4", "--calibrate", "gic"])
+    save = root / "record" / RECORD / "defense" / "d3"
+    report = json.loads((save / "d3_summary.json").read_text())
+    assert report["reserved"]["source"] == "corrupt:blur:4" and report["reserved"]["calibration"] == "gic"
+    assert report["reserved"]["size"] == 100 and result["summary"] == report
+    log = next((save / "log").glob("*.log")).read_text()
+    assert re.search(r"gic on corrupt:blur:4: BN-statistics distance [0-9.]+ -> [0-9.]+", log)
 
 
 # --- all-or-nothing result folder --------------------------------------------------------------------

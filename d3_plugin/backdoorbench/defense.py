@@ -39,7 +39,7 @@ from pprint import pformat
 from typing import Any, Callable, ClassVar, Dict, List, Optional
 
 from .. import __version__, registry
-from ..bench import bench_from_record
+from ..bench import bench_from_record, with_auxiliary
 from ..data.readers import dataset_spec
 from ..errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, one_line
 from ..evaluation import defense_effectiveness_rate
@@ -85,6 +85,9 @@ STANDARD = {
     "random_seed": (int, "seeds the reserved-set draw, the defense and shuffling"),
     "ratio": (float, "fraction of the clean training set reserved for the defense"),
     "index": (str, "file of reserved-set indices (overrides --ratio)"),
+    "reserved_source": (str, "auxiliary data in place of the reserved draw: id, corrupt:KIND[:SEVERITY], digits[:N], "
+                             "inversion[:N] (docs/gic.md)"),
+    "calibrate": (str, "calibrate the reserved data for the model first, e.g. gic (its defaults; tune it in compare)"),
 }
 GENERIC_ALIASES = {"sgd_momentum": "momentum", "wd": "weight_decay"}  # BackdoorBench name → config field
 RUN_KEYS = ("random_seed", "precision", "amp", "eval_every", "eval_batch_size")  # set by the adapter itself
@@ -284,6 +287,11 @@ class BackdoorBenchDefense:
         if _flag(getattr(self.args, "resume", False)) and not takes_checkpoint(self.entry.run):
             raise ValueError(f"{self.entry.name} cannot resume a killed run (it keeps no epoch checkpoint); "
                              f"drop --resume")
+        from ..auxiliary import parse_source
+
+        parse_source(getattr(self.args, "reserved_source", None) or "id")
+        if getattr(self.args, "calibrate", None):
+            registry.get(self.args.calibrate, "calibration")
         every = run["eval_every"] or 1
         if frequency and frequency % every:
             raise ValueError(f"frequency_save {frequency} is not a multiple of eval_every {every} "
@@ -403,6 +411,7 @@ class BackdoorBenchDefense:
         bench = bench_from_record(record, ratio=getattr(args, "ratio", None), seed=run["seed"], device=device,
                                   index_file=getattr(args, "index", None), model=model, data=entry.data,
                                   eval_batch_size=run["eval_batch_size"] or 512, precision=self.precision)
+        bench = self._auxiliary(bench, run["seed"])
         self.set_trainer(bench.model)
         index = [] if bench.reserved is None else bench.reserved.source_index.tolist()
         logger.info("%s on %s (%s, %s) with %d reserved samples on %s in %s%s; config %s", entry.name, record.folder,
@@ -418,6 +427,17 @@ class BackdoorBenchDefense:
         summary = self._summary(before, after, history, index, device, time.time() - started)
         self._write(purified, history, index, summary)
         return {"model": purified, "before": before, "after": after, "history": history, "summary": summary}
+
+    def _auxiliary(self, bench, seed: int):
+        """The bench on `--reserved_source` data, calibrated by `--calibrate` (e.g. gic), as compare does."""
+        source, calibrate = getattr(self.args, "reserved_source", None), getattr(self.args, "calibrate", None)
+        calibration = registry.build_calibration(calibrate, seed=seed) if calibrate else None
+        bench = with_auxiliary(bench, source, calibration)
+        report = bench.calibration_report
+        if report:
+            logger.info("%s on %s: BN-statistics distance %.3f -> %.3f, largest change %.4f, labels %s", calibrate,
+                        source or "id", report["bn_before"], report["bn_after"], report["max_change"], report["labels"])
+        return bench
 
     def _on_epoch(self, bench, loaders, run):
         frequency = int(getattr(self.args, "frequency_save", None) or 0)
@@ -461,7 +481,9 @@ class BackdoorBenchDefense:
                 "channels_last": self.precision.channels_last,
                 "reserved": {"size": len(index), "ratio": getattr(args, "ratio", None),
                              "index_file": getattr(args, "index", None),
-                             "random_seed": int(getattr(args, "random_seed", None) or 0)},
+                             "random_seed": int(getattr(args, "random_seed", None) or 0),
+                             "source": getattr(args, "reserved_source", None) or "id",
+                             "calibration": getattr(args, "calibrate", None)},
                 "before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys},
                 "der": defense_effectiveness_rate(before["acc"], before["asr"], after["acc"], after["asr"]),
                 "config": self.runnable.config_dict(), "seconds": round(seconds, 2),
