@@ -7,7 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 # Each module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
-COMMAND_MODULES = ["demo", "defend", "install", "list", "compare", "attack", "detect"]
+COMMAND_MODULES = ["demo", "defend", "install", "list", "compare", "attack", "detect", "grid", "analyze"]
 
 
 class UserError(Exception):

@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gzip
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -26,6 +29,26 @@ from d3_plugin.training import seed_everything
 
 RECIPE = {"train": 4000, "reserved": 500, "test": 1000, "ratio": 0.1, "target": 0,
           "epochs": 8, "lr": 0.05, "batch": 64, "seed": 0}
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path, array) -> None:
+    """An idx file of unsigned bytes, gzipped (the format of the Fashion-MNIST distribution)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_fashion_mnist_subset(folder: Path, train_size: int, test_size: int) -> Path:
+    """The first images of Debian's Fashion-MNIST, in its own file layout, in `folder` (a small data root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, split, size in (("train", True, train_size), ("t10k", False, test_size)):
+        full = load_dataset("fashion_mnist", split, FASHION_MNIST)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", full.images[:size, 0].numpy())
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", full.labels[:size].numpy())
+    return folder
 
 
 @contextlib.contextmanager

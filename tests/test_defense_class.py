@@ -2,7 +2,6 @@
 of the installed defense/d3.py in a fake checkout on a record of real Fashion-MNIST images."""
 import argparse
 import csv
-import gzip
 import json
 import math
 import random
@@ -29,7 +28,8 @@ from d3_plugin.commands import defend
 from d3_plugin.data import dataset_spec, load_dataset
 from d3_plugin.models import build_model
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+from conftest import write_fashion_mnist_subset
+
 COLUMNS = ["", "epoch", "train_epoch_loss_avg_over_batch", "clean_test_loss_avg_over_batch",
            "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra"]
 RECORD = "badnet_fmnist"
@@ -144,13 +144,6 @@ def test_unwritable_output_folder_is_one_line_error(tmp_path):
 TRAIN_SIZE, TEST_SIZE = 1000, 300  # a real Fashion-MNIST subset keeps the whole file fast on 2 cores
 
 
-def write_idx(path, array):
-    """An idx file of unsigned bytes, gzipped (the format of the Fashion-MNIST distribution)."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory):
     """<root>/{defense/d3.py, config/defense/d3/, data/fashion_mnist/, record/badnet_fmnist/}."""
@@ -158,12 +151,7 @@ def checkout(tmp_path_factory):
     (root / "defense").mkdir()
     (root / "config").mkdir()
     install.install(root)
-    data = root / "data" / "fashion_mnist"
-    data.mkdir(parents=True)
-    for prefix, full, size in (("train", load_dataset("fashion_mnist", True, FASHION_MNIST), TRAIN_SIZE),
-                               ("t10k", load_dataset("fashion_mnist", False, FASHION_MNIST), TEST_SIZE)):
-        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", full.images[:size, 0].numpy())
-        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", full.labels[:size].numpy())
+    data = write_fashion_mnist_subset(root / "data" / "fashion_mnist", TRAIN_SIZE, TEST_SIZE)
     spec = dataset_spec("fashion_mnist")
     train, test = load_dataset("fashion_mnist", True, data), load_dataset("fashion_mnist", False, data)
     trigger = BadNets()

@@ -1,0 +1,41 @@
+"""`d3-plugin grid CONFIG.yaml`: an attack × defense × seed grid on a local process pool or on Ray."""
+from __future__ import annotations
+
+import argparse
+
+NAME = "grid"
+HELP = ("run an attack × defense × seed grid (records trained as needed) on a local process pool or on Ray; "
+        "finished cells are kept, so a re-run or a killed grid resumes; one table over all cells")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="grid file (YAML): attacks, defenses, seeds, optional sweep (docs/grid.md)")
+    parser.add_argument("--out", help="output folder (default: the file's `out`, else beside it, named after it)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: a process pool on this machine (default); ray: one Ray task per job")
+    parser.add_argument("--workers", type=int, default=1, help="local: worker processes (torch threads are split "
+                                                                "evenly between them; default 1)")
+    parser.add_argument("--address", default=None, help="ray: cluster address, e.g. auto (default: start a local Ray)")
+    parser.add_argument("--cpus-per-task", type=float, default=1, help="ray: CPUs each task declares (default 1)")
+    parser.add_argument("--gpus-per-task", type=float, default=0, help="ray: GPUs each task declares (default 0)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (records and cells) and stop")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..grid import LocalPool, RayPool, load_grid, run_grid
+
+    grid = load_grid(args.config, args.out)
+    trained = [job for job in grid.attacks if job.trained]
+    print(f"grid {args.config}: {len(grid.attacks)} records ({len(trained)} to train), {len(grid.cells)} cells "
+          f"({len({c.label for c in grid.cells})} defense settings × {len(grid.seeds)} seeds); out {grid.out}")
+    if args.dry_run:
+        for job in grid.attacks:
+            print(f"  record {job.name}: {'train ' + str(dict(job.options)) if job.trained else job.folder}")
+        for label in dict.fromkeys(c.label for c in grid.cells):
+            print(f"  defense {label}")
+        return 0
+    pool = (RayPool(args.address, args.cpus_per_task, args.gpus_per_task) if args.executor == "ray"
+            else LocalPool(args.workers))
+    rows = run_grid(grid, pool)
+    print((grid.out / "grid.md").read_text())
+    return 1 if any(row["error"] for row in rows) else 0

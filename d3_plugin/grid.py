@@ -1,0 +1,553 @@
+"""Attack × defense × seed grids, run on a local process pool or on Ray, one folder per finished cell.
+
+    d3-plugin grid benchmarks/grids/table1.yaml --workers 2            # local pool
+    d3-plugin grid table1.yaml --executor ray --address auto           # an existing Ray cluster
+
+A grid file (YAML; docs/grid.md has every key):
+
+    out: grids/table1                 # default: beside the file, named after it
+    seeds: [0, 1, 2]
+    epochs: 20                        # every defense's budget (default: each one's own)
+    ratio: 0.05                       # reserved fraction (BackdoorBench's draw per seed)
+    attacks:
+      - record: /path/record/badnet   # an existing record
+      - attack: blended               # trained by `d3-plugin attack` into <out>/record/<name>
+        epochs: 15
+        train_size: 20000
+        params: {alpha: 0.2}
+      - attack: sam-flatten           # flattens another attack of this grid
+        from: blended
+        rho: [1, 2, 3]                # a list sweeps: one record per value
+    defenses:
+      - ft
+      - {name: d3, set: {eps: 0.1}}
+    sweep:                            # DEFENSE.PARAM or ATTACK.PARAM → values (cartesian product)
+      d3.lam: [1, 10]
+
+Stages: records are trained first (flattened ones after their source), then every (record, defense,
+settings, seed) cell runs. A cell is `<out>/cells/<record>/<label>/seed<S>-<hash>/result.json`, written
+aside and renamed into place, so it exists whole or not at all: a re-run skips finished cells and retries
+failed ones, and a killed grid resumes. The hash covers the record, the defense's full configuration, the
+reserved draw and the seed. The table (`grid.md/.csv/.json`, `grid.png`) is rewritten from all cells.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from . import registry
+from .errors import one_line
+from .files import write_json
+
+GRID_KEYS = {"out", "seeds", "epochs", "ratio", "device", "data_root", "attacks", "defenses", "sweep",
+             "reserved_source", "calibrate", "calibrate_set", "dataset", "model"}
+ATTACK_KEYS = {"record", "attack", "name", "from", "params", "epochs", "train_size", "model", "dataset", "ratio",
+               "target", "seed", "rho", "lr", "batch_size", "sam_epochs"}
+DEFENSE_KEYS = {"name", "label", "set"}
+FLATTEN = "sam-flatten"
+NO_DEFENSE = "no defense"
+
+
+class GridError(ValueError):
+    """A grid file that cannot be run (one line: what and how to fix it)."""
+
+
+# --- the plan -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttackJob:
+    """One record: existing (`record` set) or trained (`attack` with its options) into <out>/record/<name>."""
+
+    name: str
+    folder: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    source: Optional[str] = None  # sam-flatten: the grid record it flattens
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.options)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One defense run: a record, a defense with its settings, a seed."""
+
+    record: str
+    folder: str           # the record folder
+    label: str            # defense label in the table (name plus swept values)
+    defense: str
+    overrides: Mapping[str, Any]
+    seed: int
+    settings: Mapping[str, Any]  # epochs, ratio, device, data_root, reserved_source, calibrate, calibrate_set
+    key: str = ""
+
+    def path(self, out: Path) -> Path:
+        return out / "cells" / self.record / self.label / f"seed{self.seed}-{self.key}"
+
+
+@dataclass
+class Grid:
+    out: Path
+    seeds: List[int]
+    attacks: List[AttackJob]
+    cells: List[Cell]
+
+
+def load_grid(path: str | os.PathLike, out: Optional[str] = None) -> Grid:
+    """Read and check a grid file; every problem is a one-line GridError."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise GridError(f"cannot read grid file {path} ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        raise GridError(f"grid file {path} is not valid YAML ({one_line(error)})") from None
+    if not isinstance(raw, Mapping):
+        raise GridError(f"grid file {path} must be a mapping with attacks, defenses and seeds")
+    return plan(raw, Path(out or raw.get("out") or path.with_suffix("")), base=path.parent)
+
+
+def plan(raw: Mapping[str, Any], out: Path, base: Path = Path(".")) -> Grid:
+    _known(raw, GRID_KEYS, "grid")
+    seeds = _seeds(raw.get("seeds", [0]))
+    sweep = _sweep(raw.get("sweep") or {})
+    attacks = _attack_jobs(raw.get("attacks"), sweep, out, base, raw)
+    defenses = _defense_settings(raw.get("defenses"), sweep)
+    settings = {k: raw.get(k) for k in ("epochs", "ratio", "device", "data_root", "reserved_source", "calibrate",
+                                         "calibrate_set")}
+    settings["ratio"] = 0.05 if settings["ratio"] is None else settings["ratio"]
+    settings["device"] = settings["device"] or "auto"
+    _check_settings(settings)
+    cells = [_keyed(Cell(job.name, job.folder, label, name, overrides, seed, settings))
+             for job in attacks for label, name, overrides in defenses for seed in seeds]
+    return Grid(out, seeds, attacks, cells)
+
+
+def _known(mapping: Mapping, keys: set, where: str) -> None:
+    unknown = sorted(set(mapping) - keys)
+    if unknown:
+        raise GridError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(keys))}")
+
+
+def _seeds(value) -> List[int]:
+    seeds = value if isinstance(value, list) else [value]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise GridError(f"seeds must be a list of integers ≥ 0, e.g. [0, 1, 2]; got {value!r}")
+    if len(set(seeds)) < len(seeds):
+        raise GridError(f"seeds repeat a value: {seeds}")
+    return seeds
+
+
+def _sweep(raw: Mapping) -> Dict[str, Dict[str, list]]:
+    """{'d3.lam': [1, 10]} → {'d3': {'lam': [1, 10]}}."""
+    if not isinstance(raw, Mapping):
+        raise GridError("sweep must map NAME.PARAM to a list of values, e.g. d3.lam: [1, 10]")
+    sweep: Dict[str, Dict[str, list]] = {}
+    for key, values in raw.items():
+        name, dot, param = str(key).rpartition(".")
+        if not dot or not name or not isinstance(values, list) or not values:
+            raise GridError(f"sweep {key!r}: use NAME.PARAM: [v1, v2, ...], e.g. d3.lam: [1, 10]")
+        sweep.setdefault(name.lower(), {})[param] = values
+    return sweep
+
+
+def _product(fixed: Mapping[str, Any], swept: Mapping[str, list]) -> List[Tuple[Dict[str, Any], str]]:
+    """Every combination of the swept values over `fixed`, with a label suffix such as 'lam=1,eps=0.1'."""
+    lists = {k: v if isinstance(v, list) else [v] for k, v in {**fixed, **swept}.items()}
+    varying = [k for k in lists if len(lists[k]) > 1]
+    combos = []
+    for values in itertools.product(*lists.values()):
+        chosen = dict(zip(lists, values))
+        combos.append((chosen, ",".join(f"{k}={chosen[k]}" for k in varying)))
+    return combos
+
+
+def _attack_jobs(entries, sweep, out: Path, base: Path, raw: Mapping) -> List[AttackJob]:
+    if not isinstance(entries, list) or not entries:
+        raise GridError("attacks must be a non-empty list of {record: PATH} or {attack: NAME, ...}")
+    jobs: List[AttackJob] = []
+    for entry in entries:
+        entry = {"record": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, Mapping):
+            raise GridError(f"attack entry {entry!r} must be a mapping")
+        _known(entry, ATTACK_KEYS, f"attack {entry.get('attack') or entry.get('record')}")
+        jobs += _one_attack(dict(entry), sweep, out, base, raw, jobs)
+    names = [j.name for j in jobs]
+    if len(set(names)) < len(names):
+        raise GridError(f"two attacks share a record name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
+                        f"give them distinct `name:`")
+    return jobs
+
+
+def _one_attack(entry: dict, sweep, out: Path, base: Path, raw: Mapping, earlier: List[AttackJob]) -> List[AttackJob]:
+    if "record" in entry:
+        if set(entry) - {"record", "name"}:
+            raise GridError(f"record entry {entry['record']}: only `record` and `name` apply to an existing record")
+        folder = (base / str(entry["record"])).resolve()
+        if not (folder / "attack_result.pt").is_file() and not str(entry["record"]).endswith(".pt"):
+            raise GridError(f"record {folder} has no attack_result.pt; make it or fix the path")
+        return [AttackJob(entry.get("name") or folder.name, str(folder))]
+    attack = str(entry.pop("attack", "")).lower()
+    if not attack:
+        raise GridError("an attack entry needs `attack: NAME` (or `record: PATH`)")
+    registry.get(attack, "attack")  # unknown attack: one line, now
+    name = entry.pop("name", None) or attack
+    source = entry.pop("from", None)
+    if (attack == FLATTEN) != (source is not None):
+        raise GridError(f"attack {name}: `from: RECORD` goes with sam-flatten (and only with it)")
+    if source is not None and source not in {j.name for j in earlier}:
+        raise GridError(f"sam-flatten {name}: `from: {source}` names no earlier attack of this grid")
+    for key in ("dataset", "model"):
+        if raw.get(key) and key not in entry:
+            entry[key] = raw[key]
+    params = entry.pop("params", None) or {}
+    swept = sweep.get(attack, {})
+    options = {**entry, **{f"params.{k}": v for k, v in params.items()}}
+    jobs = []
+    for chosen, suffix in _product(options, {k if k in ATTACK_KEYS else f"params.{k}": v for k, v in swept.items()}):
+        job_name = f"{name}-{suffix.replace('params.', '').replace('=', '').replace(',', '-')}" if suffix else name
+        folder = out / "record" / job_name
+        jobs.append(AttackJob(job_name, str(folder), {"attack": attack, **chosen}, source))
+    return [_source_resolved(j, earlier) for j in jobs]
+
+
+def _source_resolved(job: AttackJob, earlier: List[AttackJob]) -> AttackJob:
+    if job.source is None:
+        return job
+    sources = [j for j in earlier if j.name == job.source]
+    return AttackJob(job.name, job.folder, job.options, sources[0].folder)
+
+
+def _defense_settings(entries, sweep) -> List[Tuple[str, str, Dict[str, Any]]]:
+    """(label, registry name, overrides) for every defense entry and swept combination; each is built once
+    here, so an unknown name or value fails before anything runs."""
+    if not isinstance(entries, list) or not entries:
+        raise GridError("defenses must be a non-empty list of names or {name: NAME, set: {...}}")
+    found = []
+    for entry in entries:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        _known(entry, DEFENSE_KEYS, f"defense {entry.get('name')}")
+        name = str(entry["name"]).lower()
+        for overrides, suffix in _product(dict(entry.get("set") or {}), sweep.get(name, {})):
+            try:
+                registry.build(name, **overrides)
+            except (TypeError, ValueError) as error:
+                raise GridError(f"defense {name}: {one_line(error)}") from None
+            label = entry.get("label") or name
+            found.append((f"{label}[{suffix}]" if suffix else label, name, overrides))
+    labels = [f[0] for f in found]
+    if len(set(labels)) < len(labels):
+        raise GridError("two defense entries share a label; give them distinct `label:`")
+    return found
+
+
+def _check_settings(settings: Mapping[str, Any]) -> None:
+    ratio, epochs = settings["ratio"], settings["epochs"]
+    if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise GridError(f"ratio must be a fraction in (0, 1], got {ratio!r}")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 0):
+        raise GridError(f"epochs must be an integer ≥ 0, got {epochs!r}")
+    if settings["reserved_source"]:
+        from .auxiliary import parse_source
+        parse_source(str(settings["reserved_source"]))
+    if settings["calibrate"]:
+        registry.build_calibration(settings["calibrate"], **dict(settings["calibrate_set"] or {}))
+
+
+def _keyed(cell: Cell) -> Cell:
+    payload = {"record": cell.folder, "defense": cell.defense, "overrides": dict(cell.overrides),
+               "seed": cell.seed, **{k: v for k, v in cell.settings.items() if k != "device"}}
+    return Cell(**{**cell.__dict__, "key": registry.config_hash(payload)})
+
+
+# --- running one job (in a worker process or a Ray task) -----------------------------------------------
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def attack_argv(job: AttackJob) -> List[str]:
+    """The `d3-plugin attack` command line of a trained record."""
+    options = dict(job.options)
+    argv = ["attack", options.pop("attack"), "--out", job.folder]
+    if job.source:
+        argv += ["--result_file", job.source]
+    for key, value in options.items():
+        if key.startswith("params."):
+            argv += ["--param", f"{key[7:]}={json.dumps(value)}"]
+        else:
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def run_attack_job(job: AttackJob, device: str = "auto", threads: Optional[int] = None) -> Dict[str, Any]:
+    """Train (or flatten) one record unless it is already complete; {name, seconds, error}."""
+    if not job.trained or (Path(job.folder) / "attack_info.json").is_file():
+        return {"name": job.name, "seconds": 0.0, "error": "", "skipped": True}
+    set_threads(threads)
+    from .cli import main
+
+    started = time.perf_counter()
+    argv = attack_argv(job) + (["--device", device] if "device" not in job.options else [])
+    try:
+        status = main(argv)
+        error = "" if status == 0 else f"d3-plugin {' '.join(argv)} exited with status {status}"
+    except Exception as failure:  # noqa: BLE001 - reported in the grid, never fatal to it
+        error = f"{type(failure).__name__}: {one_line(failure)}"
+    return {"name": job.name, "seconds": time.perf_counter() - started, "error": error, "skipped": False}
+
+
+def run_cell(cell: Cell, out: str, threads: Optional[int] = None) -> Dict[str, Any]:
+    """Run one cell unless its folder exists; returns its result (metrics or error)."""
+    final = cell.path(Path(out))
+    done = final / "result.json"
+    if done.is_file():
+        return {**json.loads(done.read_text()), "skipped": True}
+    set_threads(threads)
+    result = _cell_identity(cell)
+    try:
+        result.update(_measure(cell))
+    except Exception as failure:  # noqa: BLE001 - one failing cell never stops the grid
+        return {**result, "error": f"{type(failure).__name__}: {one_line(failure)}"}
+    _publish(final, result)
+    return result
+
+
+def _cell_identity(cell: Cell) -> Dict[str, Any]:
+    return {"record": cell.record, "defense": cell.label, "name": cell.defense, "overrides": dict(cell.overrides),
+            "seed": cell.seed, "config_hash": cell.key, "settings": dict(cell.settings), "error": ""}
+
+
+def _measure(cell: Cell) -> Dict[str, Any]:
+    from .backdoorbench.records import load_attack_result
+    from .bench import bench_from_record, with_auxiliary
+    from .compare import build_for, run_native
+
+    settings = cell.settings
+    record = load_attack_result(cell.folder, settings.get("data_root"))
+    bench = bench_from_record(record, ratio=settings["ratio"], seed=cell.seed, device=settings["device"])
+    if cell.defense == NO_DEFENSE:
+        return {**bench.evaluate(bench.model), "seconds": 0.0}
+    calibration = None
+    if settings.get("calibrate"):
+        calibration = registry.build_calibration(settings["calibrate"], seed=cell.seed,
+                                                 **dict(settings.get("calibrate_set") or {}))
+    bench = with_auxiliary(bench, settings.get("reserved_source"), calibration)
+    defense = build_for(cell.defense, bench, epochs=settings.get("epochs"), overrides=cell.overrides)
+    metrics = run_native(bench, defense)
+    return {**metrics, "config": defense.config_dict(), "reserved": bench.reserved_digest()}
+
+
+def _publish(final: Path, result: Mapping[str, Any]) -> None:
+    """Write the cell aside and rename it into place: the folder is whole or absent."""
+    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_json(staging / "result.json", result)
+    try:
+        staging.rename(final)
+    except OSError:  # another worker finished the same cell first: keep its folder
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def no_defense_cells(grid: Grid) -> List[Cell]:
+    """One seed-independent cell per record: the backdoored model's own ACC / ASR / RA (DER's reference)."""
+    settings = grid.cells[0].settings if grid.cells else {"ratio": 0.05, "device": "auto"}
+    return [_keyed(Cell(job.name, job.folder, NO_DEFENSE, NO_DEFENSE, {}, 0, {**settings, "reserved_source": None,
+                                                                            "calibrate": None, "calibrate_set": None}))
+            for job in grid.attacks]
+
+
+# --- executors: where the jobs run --------------------------------------------------------------------
+
+class LocalPool:
+    """`workers` processes on this machine (spawned, so CUDA works in them), torch threads split evenly;
+    with one worker the jobs run in this process."""
+
+    def __init__(self, workers: int = 1):
+        if not isinstance(workers, int) or workers < 1:
+            raise GridError(f"--workers must be an integer ≥ 1, got {workers!r}")
+        self.workers = workers
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def map(self, function: Callable, calls: Sequence[tuple]) -> Iterator[Dict[str, Any]]:
+        if self.workers == 1 or len(calls) < 2:
+            for args in calls:
+                yield function(*args, threads=self.threads)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+            futures = [pool.submit(function, *args, threads=self.threads) for args in calls]
+            for future in as_completed(futures):
+                yield future.result()
+
+
+class RayPool:
+    """One Ray task per job on a cluster (`address="auto"`) or a local Ray instance (`address=None`),
+    each declaring `cpus` CPUs and `gpus` GPUs; results are gathered on the driver as they finish."""
+
+    def __init__(self, address: Optional[str] = None, cpus: float = 1, gpus: float = 0):
+        try:
+            import ray
+        except ImportError:
+            raise GridError("--executor ray needs Ray: pip install 'd3-plugin[ray]'") from None
+        self.ray, self.cpus, self.gpus = ray, cpus, gpus
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     **({} if address else {"num_cpus": os.cpu_count()}))
+
+    def map(self, function: Callable, calls: Sequence[tuple]) -> Iterator[Dict[str, Any]]:
+        remote = self.ray.remote(num_cpus=self.cpus, num_gpus=self.gpus)(function)
+        pending = [remote.remote(*args, threads=max(1, int(self.cpus))) for args in calls]
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            yield self.ray.get(done[0])
+
+
+# --- the driver -----------------------------------------------------------------------------------------
+
+def run_grid(grid: Grid, pool, *, echo: Callable[[str], None] = print, progress: bool = True) -> List[Dict]:
+    """Records first (flattened ones after their sources), then every cell; returns the run rows and
+    writes the grid's tables. Failures are rows with an error, never an exception."""
+    from tqdm.auto import tqdm
+
+    device = grid.cells[0].settings["device"] if grid.cells else "auto"
+    failed: Dict[str, str] = {}
+    for stage in ([j for j in grid.attacks if not j.source], [j for j in grid.attacks if j.source]):
+        for job in stage:
+            source = next((j for j in grid.attacks if j.folder == job.source), None)
+            if source is not None and source.name in failed:
+                failed[job.name] = f"its source record {source.name} was not made"
+        calls = [(job, device) for job in stage if job.trained and job.name not in failed]
+        for result in tqdm(pool.map(run_attack_job, calls), total=len(calls), desc="records",
+                           disable=not progress or not calls):
+            if result["error"]:
+                failed[result["name"]] = result["error"]
+                echo(f"record {result['name']}: FAILED {result['error']}")
+    cells = [c for c in no_defense_cells(grid) + grid.cells if c.record not in failed]
+    rows = [_record_failure(c, failed[c.record]) for c in grid.cells if c.record in failed]
+    calls = [(cell, str(grid.out)) for cell in cells]
+    for result in tqdm(pool.map(run_cell, calls), total=len(calls), desc="cells", disable=not progress):
+        rows.append(result)
+        if result["error"]:
+            echo(f"{result['record']} · {result['defense']} (seed {result['seed']}): FAILED {result['error']}")
+    rows = table_rows(rows)
+    write_grid_outputs(rows, grid.out)
+    return rows
+
+
+def _record_failure(cell: Cell, error: str) -> Dict[str, Any]:
+    return {**_cell_identity(cell), "error": f"record not made: {error}"}
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+def table_rows(results: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """Run rows (record, defense label, seed, acc, asr, ra, der, seconds, config_hash, error) in plan order;
+    DER against the record's no-defense row."""
+    from .evaluation import defense_effectiveness_rate
+
+    results = list(results)
+    before = {r["record"]: r for r in results if r["defense"] == NO_DEFENSE and not r["error"]}
+    rows = []
+    for r in results:
+        row = {k: r.get(k) for k in ("record", "defense", "seed", "acc", "asr", "ra", "seconds", "config_hash")}
+        row["error"] = r.get("error") or ""
+        base = before.get(r["record"])
+        row["der"] = None
+        if not row["error"] and r["defense"] != NO_DEFENSE and base:
+            row["der"] = defense_effectiveness_rate(base["acc"], base["asr"], r["acc"], r["asr"])
+        if r["defense"] == NO_DEFENSE:
+            row["seed"] = None
+        rows.append(row)
+    return rows
+
+
+def aggregate(rows: Sequence[Mapping]) -> List[Dict[str, Any]]:
+    """One row per (record, defense label): mean, sample std, min, max over the seeds (compare's rule)."""
+    from .compare import aggregate as per_defense
+
+    records = list(dict.fromkeys(r["record"] for r in rows))
+    return [{"record": record, **row} for record in records
+            for row in per_defense([r for r in rows if r["record"] == record])]
+
+
+def markdown(rows: Sequence[Mapping]) -> str:
+    from .compare import _cell
+
+    seeds = sorted({r["seed"] for r in rows if isinstance(r.get("seed"), int)})
+    header = ["record", "defense", "ACC %", "ASR %", "RA %", "DER %", "seconds", "n", "error"]
+    lines = [f"Seeds {', '.join(map(str, seeds))}. Each cell: mean ± sample std (min–max) over the n seeds that "
+             "finished.\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in aggregate(rows):
+        n = f"{row['n']}" if row["n"] == row["runs"] else f"{row['n']} of {row['runs']}"
+        cells = [row["record"], row["defense"], *(_cell(row, k, 100, 2) for k in ("acc", "asr", "ra", "der")),
+                 _cell(row, "seconds", 1, 1), n, row.get("error") or ""]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: Sequence[Mapping]) -> str:
+    import csv
+    import io
+
+    columns = ["record", "defense", "seed", "n", "runs"] + [f"{m}{s}" for m in ("acc", "asr", "ra", "der", "seconds")
+                                                           for s in ("", "_std", "_min", "_max")] + ["config_hash", "error"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in list(rows) + aggregate(rows):
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    return buffer.getvalue()
+
+
+def plots(rows: Sequence[Mapping]) -> bytes:
+    """PNG: DER per record and defense with ±std error bars, and ACC against ASR per run, by defense."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = [r for r in aggregate(rows) if r["defense"] != NO_DEFENSE]
+    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(max(10, 0.5 * len(table) + 6), 4.5))
+    positions = range(len(table))
+    bars.bar(list(positions), [100 * (r["der"] or 0) for r in table],
+             yerr=[100 * (r.get("der_std") or 0) for r in table], capsize=3)
+    bars.set_xticks(list(positions))
+    bars.set_xticklabels([f"{r['record']} · {r['defense']}" for r in table], rotation=60, ha="right", fontsize="small")
+    bars.set_ylabel("DER %")
+    bars.set_ylim(0, 100)
+    for label in dict.fromkeys(r["defense"] for r in rows if r["defense"] != NO_DEFENSE):
+        runs = [r for r in rows if r["defense"] == label and not r["error"]]
+        scatter.scatter([100 * r["asr"] for r in runs], [100 * r["acc"] for r in runs], label=label, s=18)
+    scatter.set_xlabel("ASR %")
+    scatter.set_ylabel("ACC %")
+    scatter.legend(fontsize="small")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_grid_outputs(rows: Sequence[Mapping], out: Path) -> None:
+    from .files import write_bytes, write_text
+
+    write_text(out / "grid.md", markdown(rows))
+    write_text(out / "grid.csv", csv_text(rows))
+    write_json(out / "grid.json", {"rows": list(rows), "aggregate": aggregate(rows)})
+    write_bytes(out / "grid.png", plots(rows))
