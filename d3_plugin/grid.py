@@ -69,7 +69,8 @@ class AttackJob:
     name: str
     folder: str
     options: Mapping[str, Any] = field(default_factory=dict)
-    source: Optional[str] = None  # sam-flatten: the grid record it flattens
+    source: Optional[str] = None  # sam-flatten: the folder of the grid record it flattens
+    entry: str = ""               # the attack entry's name (shared by the records of its sweep)
 
     @property
     def trained(self) -> bool:
@@ -194,7 +195,8 @@ def _one_attack(entry: dict, sweep, out: Path, base: Path, raw: Mapping, earlier
         folder = (base / str(entry["record"])).resolve()
         if not (folder / "attack_result.pt").is_file() and not str(entry["record"]).endswith(".pt"):
             raise GridError(f"record {folder} has no attack_result.pt; make it or fix the path")
-        return [AttackJob(entry.get("name") or folder.name, str(folder))]
+        name = entry.get("name") or folder.name
+        return [AttackJob(name, str(folder), entry=name)]
     attack = str(entry.pop("attack", "")).lower()
     if not attack:
         raise GridError("an attack entry needs `attack: NAME` (or `record: PATH`)")
@@ -203,27 +205,25 @@ def _one_attack(entry: dict, sweep, out: Path, base: Path, raw: Mapping, earlier
     source = entry.pop("from", None)
     if (attack == FLATTEN) != (source is not None):
         raise GridError(f"attack {name}: `from: RECORD` goes with sam-flatten (and only with it)")
-    if source is not None and source not in {j.name for j in earlier}:
+    sources = [j for j in earlier if source in (j.entry, j.name)] if source is not None else [None]
+    if not sources:
         raise GridError(f"sam-flatten {name}: `from: {source}` names no earlier attack of this grid")
-    for key in ("dataset", "model"):
+    for key in ("dataset", "model", "data_root"):  # grid-wide settings every trained record shares
         if raw.get(key) and key not in entry:
             entry[key] = raw[key]
     params = entry.pop("params", None) or {}
     swept = sweep.get(attack, {})
     options = {**entry, **{f"params.{k}": v for k, v in params.items()}}
     jobs = []
-    for chosen, suffix in _product(options, {k if k in ATTACK_KEYS else f"params.{k}": v for k, v in swept.items()}):
-        job_name = f"{name}-{suffix.replace('params.', '').replace('=', '').replace(',', '-')}" if suffix else name
-        folder = out / "record" / job_name
-        jobs.append(AttackJob(job_name, str(folder), {"attack": attack, **chosen}, source))
-    return [_source_resolved(j, earlier) for j in jobs]
-
-
-def _source_resolved(job: AttackJob, earlier: List[AttackJob]) -> AttackJob:
-    if job.source is None:
-        return job
-    sources = [j for j in earlier if j.name == job.source]
-    return AttackJob(job.name, job.folder, job.options, sources[0].folder)
+    for origin in sources:  # sam-flatten: every record of the entry it flattens
+        for chosen, suffix in _product(options, {k if k in ATTACK_KEYS else f"params.{k}": v
+                                                 for k, v in swept.items()}):
+            parts = [name] + ([origin.name] if len(sources) > 1 else [])
+            parts += [suffix.replace("params.", "").replace("=", "").replace(",", "-")] if suffix else []
+            job_name = "-".join(parts)
+            jobs.append(AttackJob(job_name, str(out / "record" / job_name), {"attack": attack, **chosen},
+                                  origin.folder if origin else None, name))
+    return jobs
 
 
 def _defense_settings(entries, sweep) -> List[Tuple[str, str, Dict[str, Any]]]:
@@ -444,7 +444,8 @@ def run_grid(grid: Grid, pool, *, echo: Callable[[str], None] = print, progress:
         rows.append(result)
         if result["error"]:
             echo(f"{result['record']} · {result['defense']} (seed {result['seed']}): FAILED {result['error']}")
-    rows = table_rows(rows)
+    order = {cell.key: i for i, cell in enumerate(no_defense_cells(grid) + grid.cells)}
+    rows = table_rows(sorted(rows, key=lambda r: order[r["config_hash"]]))  # plan order, whatever finished first
     write_grid_outputs(rows, grid.out)
     return rows
 

@@ -1,0 +1,162 @@
+"""The grid runner: plans, one-line errors, all-or-nothing cells, skip and retry, resume after a kill, and
+the same tiny grid on a two-process pool and on a local Ray instance."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from d3_plugin import grid as grids
+from d3_plugin.cli import main
+from d3_plugin.grid import AttackJob, GridError, LocalPool, load_grid, plan, run_attack_job, run_grid
+
+from conftest import write_fashion_mnist_subset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A small data root and one BadNets record trained by the grid's own attack job (4 epochs, 600 images)."""
+    root = tmp_path_factory.mktemp("grid")
+    data = write_fashion_mnist_subset(root / "data", 600, 200)
+    job = AttackJob("badnets", str(root / "record" / "badnets"),
+                    {"attack": "badnets", "epochs": 4, "data_root": str(data), "seed": 0})
+    result = run_attack_job(job, "cpu", threads=1)
+    assert result["error"] == "" and (root / "record" / "badnets" / "attack_info.json").is_file()
+    assert run_attack_job(job, "cpu")["skipped"], "a complete record is not trained again"
+    return root, data
+
+
+def tiny(made, out: Path, **extra) -> grids.Grid:
+    root, data = made
+    raw = {"seeds": [0, 1], "epochs": 1, "ratio": 0.1, "device": "cpu", "data_root": str(data),
+           "attacks": [{"record": str(root / "record" / "badnets")}],
+           "defenses": ["ft", {"name": "d3", "set": {"batch_size": 32}}], **extra}
+    return plan(raw, out)
+
+
+def without_seconds(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def cell_folders(out: Path):
+    return sorted(p.relative_to(out).as_posix() for p in (out / "cells").glob("*/*/*") if p.is_dir())
+
+
+def test_plan_expands_sweeps_into_records_labels_and_stable_keys(tmp_path):
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "rec" / "attack_result.pt").write_bytes(b"")
+    raw = {"seeds": [0, 1, 2], "attacks": [{"record": "rec"}, {"attack": "blended", "epochs": 2},
+                                           {"attack": "sam-flatten", "from": "blended", "rho": [1, 2]}],
+           "defenses": ["ft", "d3"], "sweep": {"d3.lam": [1, 10], "blended.alpha": [0.1, 0.2]}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(raw))
+    grid = load_grid(tmp_path / "g.yaml")
+    assert grid.out == tmp_path / "g"
+    assert [j.name for j in grid.attacks] == [
+        "rec", "blended-alpha0.1", "blended-alpha0.2", "sam-flatten-blended-alpha0.1-rho1",
+        "sam-flatten-blended-alpha0.1-rho2", "sam-flatten-blended-alpha0.2-rho1", "sam-flatten-blended-alpha0.2-rho2"]
+    assert [j.options.get("params.alpha") for j in grid.attacks[1:3]] == [0.1, 0.2]
+    flatten = grid.attacks[5]
+    assert flatten.source == grid.attacks[2].folder and flatten.options["rho"] == 1
+    assert grids.attack_argv(flatten)[:6] == ["attack", "sam-flatten", "--out", flatten.folder, "--result_file",
+                                              grid.attacks[2].folder]
+    assert {c.label for c in grid.cells} == {"ft", "d3[lam=1]", "d3[lam=10]"}
+    assert len(grid.cells) == 7 * 3 * 3 and len({c.key for c in grid.cells}) == len(grid.cells)
+    assert [c.key for c in load_grid(tmp_path / "g.yaml").cells] == [c.key for c in grid.cells]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"attacks": [], "defenses": ["ft"]}, "attacks must be a non-empty list"),
+    ({"attacks": [{"attack": "nope"}], "defenses": ["ft"]}, "unknown attack 'nope'"),
+    ({"attacks": [{"attack": "badnets"}], "defenses": ["nope"]}, "unknown defense 'nope'"),
+    ({"attacks": [{"attack": "badnets"}], "defenses": [{"name": "d3", "set": {"lamda": 1}}]}, "lamda"),
+    ({"attacks": [{"attack": "badnets"}], "defenses": ["ft"], "seeds": [0, 0]}, "seeds repeat"),
+    ({"attacks": [{"attack": "badnets"}], "defenses": ["ft"], "seeds": ["a"]}, "seeds must be a list of integers"),
+    ({"attacks": [{"attack": "sam-flatten", "rho": 1}], "defenses": ["ft"]}, "`from: RECORD` goes with sam-flatten"),
+    ({"attacks": [{"attack": "badnets", "colour": 1}], "defenses": ["ft"]}, "unknown key(s) colour"),
+    ({"attacks": [{"attack": "badnets"}], "defenses": ["ft"], "sweep": {"lam": [1]}}, "use NAME.PARAM"),
+    ({"attacks": [{"attack": "badnets"}], "defenses": ["ft", "ft"]}, "share a label"),
+    ({"attacks": [{"attack": "badnets"}], "defenses": ["ft"], "ratio": 2}, "ratio must be a fraction"),
+    ({"attacks": [{"record": "missing"}], "defenses": ["ft"]}, "has no attack_result.pt"),
+    ({"attacks": [{"attack": "badnets"}], "defenses": ["ft"], "reserved_source": "fog"}, "bad auxiliary source"),
+])
+def test_bad_grid_files_are_one_line_errors_with_status_2(tmp_path, capsys, raw, message):
+    config = tmp_path / "g.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["grid", str(config)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and message in error
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_tiny_grid_runs_then_skips_finished_cells_and_retries_failed_ones(made, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    rows = run_grid(tiny(made, out), LocalPool(1), progress=False)
+    assert [(r["defense"], r["seed"]) for r in rows] == [("no defense", None), ("ft", 0), ("ft", 1), ("d3", 0),
+                                                         ("d3", 1)]
+    assert not any(r["error"] for r in rows) and all(0 <= r["der"] <= 1 for r in rows[1:])
+    assert {p.name for p in out.iterdir()} == {"cells", "grid.md", "grid.csv", "grid.json", "grid.png"}
+    assert len(cell_folders(out)) == 5 and not list(out.rglob(".*partial*"))
+    table = json.loads((out / "grid.json").read_text())["aggregate"]
+    assert [(r["record"], r["defense"], r["n"]) for r in table] == [("badnets", "no defense", 1), ("badnets", "ft", 2),
+                                                                   ("badnets", "d3", 2)]
+
+    def must_not_run(cell):
+        raise AssertionError(f"{cell.label} seed {cell.seed} ran again")
+    monkeypatch.setattr(grids, "_measure", must_not_run)
+    assert run_grid(tiny(made, out), LocalPool(1), progress=False) == rows  # read back: seconds included
+
+    ft_seed1 = next(f for f in cell_folders(out) if "/ft/seed1-" in f)
+    shutil.rmtree(out / ft_seed1)
+
+    def broken(cell):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(grids, "_measure", broken)
+    failed = run_grid(tiny(made, out), LocalPool(1), progress=False)
+    assert [r["error"] for r in failed if r["error"]] == ["RuntimeError: disk on fire"]
+    assert ft_seed1 not in cell_folders(out), "a failed cell leaves no folder"
+    assert "disk on fire" in (out / "grid.md").read_text()
+    monkeypatch.undo()
+    assert without_seconds(run_grid(tiny(made, out), LocalPool(1), progress=False)) == without_seconds(rows)
+
+
+def test_a_killed_grid_resumes_without_redoing_finished_cells(made, tmp_path, monkeypatch):
+    out, measured = tmp_path / "out", []
+    real = grids._measure
+
+    def killed_on_the_third(cell):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append(cell.label)
+        return real(cell)
+    monkeypatch.setattr(grids, "_measure", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(tiny(made, out), LocalPool(1), progress=False)
+    assert len(cell_folders(out)) == 2 and not (out / "grid.md").exists()
+    measured.clear()
+    monkeypatch.setattr(grids, "_measure", lambda cell: measured.append(cell.label) or real(cell))
+    rows = run_grid(tiny(made, out), LocalPool(1), progress=False)
+    assert len(measured) == 3 and len(cell_folders(out)) == 5 and not any(r["error"] for r in rows)
+
+
+def test_two_local_workers_give_the_same_table_as_one(made, tmp_path):
+    one = run_grid(tiny(made, tmp_path / "one", seeds=[0]), LocalPool(1), progress=False)
+    two = run_grid(tiny(made, tmp_path / "two", seeds=[0]), LocalPool(2), progress=False)
+    assert without_seconds(one) == without_seconds(two)
+
+
+def test_the_ray_executor_runs_the_same_tiny_grid(made, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed here (pip install 'd3-plugin[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = run_grid(tiny(made, tmp_path / "ray", seeds=[0]), grids.RayPool(cpus=1), progress=False)
+    finally:
+        ray.shutdown()
+    local = run_grid(tiny(made, tmp_path / "local", seeds=[0]), LocalPool(1), progress=False)
+    assert [(r["defense"], r["acc"], r["asr"], r["config_hash"]) for r in rows] == [
+        (r["defense"], r["acc"], r["asr"], r["config_hash"]) for r in local]
+    assert len(cell_folders(tmp_path / "ray")) == 3
