@@ -8,7 +8,7 @@ A grid file (YAML; docs/grid.md has every key):
     out: grids/table1                 # default: beside the file, named after it
     seeds: [0, 1, 2]
     epochs: 20                        # every defense's budget (default: each one's own)
-    ratio: 0.05                       # reserved fraction (BackdoorBench's draw per seed)
+    ratio: 0.05                       # reserved fraction (BackdoorBench's draw per seed); a list sweeps it
     attacks:
       - record: /path/record/badnet   # an existing record
       - attack: blended               # trained by `d3-plugin attack` into <out>/record/<name>
@@ -124,12 +124,25 @@ def plan(raw: Mapping[str, Any], out: Path, base: Path = Path(".")) -> Grid:
     defenses = _defense_settings(raw.get("defenses"), sweep)
     settings = {k: raw.get(k) for k in ("epochs", "ratio", "device", "data_root", "reserved_source", "calibrate",
                                          "calibrate_set")}
-    settings["ratio"] = 0.05 if settings["ratio"] is None else settings["ratio"]
     settings["device"] = settings["device"] or "auto"
-    _check_settings(settings)
-    cells = [_keyed(Cell(job.name, job.folder, label, name, overrides, seed, settings))
-             for job in attacks for label, name, overrides in defenses for seed in seeds]
+    ratios = settings.pop("ratio")
+    ratios = ratios if isinstance(ratios, list) and ratios else [0.05 if ratios is None else ratios]
+    variants = []  # a list of ratios sweeps the reserved fraction too (the paper's Table 3)
+    for ratio in ratios:
+        variant = {**settings, "ratio": ratio}
+        _check_settings(variant)
+        variants.append((variant, f"ratio={ratio}" if len(ratios) > 1 else ""))
+    cells = [_keyed(Cell(job.name, job.folder, _with(label, suffix), name, overrides, seed, variant))
+             for job in attacks for variant, suffix in variants for label, name, overrides in defenses
+             for seed in seeds]
     return Grid(out, seeds, attacks, cells)
+
+
+def _with(label: str, suffix: str) -> str:
+    """'d3[lam=1]' + 'ratio=0.01' → 'd3[lam=1,ratio=0.01]'."""
+    if not suffix:
+        return label
+    return f"{label[:-1]},{suffix}]" if label.endswith("]") else f"{label}[{suffix}]"
 
 
 def _known(mapping: Mapping, keys: set, where: str) -> None:

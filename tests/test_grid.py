@@ -67,6 +67,10 @@ def test_plan_expands_sweeps_into_records_labels_and_stable_keys(tmp_path):
     assert {c.label for c in grid.cells} == {"ft", "d3[lam=1]", "d3[lam=10]"}
     assert len(grid.cells) == 7 * 3 * 3 and len({c.key for c in grid.cells}) == len(grid.cells)
     assert [c.key for c in load_grid(tmp_path / "g.yaml").cells] == [c.key for c in grid.cells]
+    ratios = plan({**raw, "attacks": [{"record": "rec"}], "ratio": [0.01, 0.1]}, tmp_path / "r", base=tmp_path)
+    assert sorted({(c.label, c.settings["ratio"]) for c in ratios.cells}) == [
+        ("d3[lam=1,ratio=0.01]", 0.01), ("d3[lam=1,ratio=0.1]", 0.1), ("d3[lam=10,ratio=0.01]", 0.01),
+        ("d3[lam=10,ratio=0.1]", 0.1), ("ft[ratio=0.01]", 0.01), ("ft[ratio=0.1]", 0.1)]
 
 
 @pytest.mark.parametrize("raw, message", [
