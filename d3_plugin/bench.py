@@ -43,6 +43,15 @@ class Bench:
     precision: Any = "fp32"  # of the evaluation passes (d3_plugin.precision)
     track: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None  # per-epoch curves, if wanted
     calibration_report: Optional[Dict[str, Any]] = None  # set by with_auxiliary(calibration=...)
+    auxiliary: Optional[Callable[[], Tuple[ImageSet, Optional[Dict[str, Any]]]]] = field(default=None, repr=False)
+    digest: Optional[str] = None  # of the reserved data, known before a deferred auxiliary set is made
+
+    def ready(self) -> "Bench":
+        """Make the deferred auxiliary reserved set of `with_auxiliary` now (once); returns the bench."""
+        if self.auxiliary is not None:
+            make, self.auxiliary = self.auxiliary, None
+            self.reserved, self.calibration_report = make()
+        return self
 
     def test_loaders(self) -> Tuple[Loader, Loader]:
         return (Loader(self.clean_test, self.spec, self.eval_batch_size, device=self.device),
@@ -54,13 +63,16 @@ class Bench:
 
     def reserved_batches(self, batch_size: int):
         """The reserved set, shuffled and augmented by the bench seed ([] for a data-free defense)."""
-        if self.reserved is None:
+        if self.ready().reserved is None:
             return []
         return Loader(self.reserved, self.spec, batch_size, train=True, device=self.device, seed=self.seed)
 
     def reserved_digest(self) -> str:
-        """Short hash of the reserved indices (in draw order): tells two seeds' draws apart."""
+        """Short hash of the reserved indices (in draw order; with the auxiliary source and calibration, if
+        any): tells two seeds' draws apart."""
         from .registry import config_hash
+        if self.digest:
+            return self.digest
         return config_hash({"reserved": [] if self.reserved is None else self.reserved.source_index.tolist()})
 
     def run(self, defense, *, on_epoch=None, **extra) -> Tuple[nn.Module, List[Dict], float]:
@@ -75,22 +87,38 @@ class Bench:
         return purified, history, time.perf_counter() - started
 
 
-def with_auxiliary(bench: Bench, source: Optional[str] = None, calibration=None) -> Bench:
+def with_auxiliary(bench: Bench, source: Optional[str] = None, calibration=None,
+                   report: Optional[Callable[[Dict[str, Any]], None]] = None) -> Bench:
     """The bench with its reserved set replaced by auxiliary data (`source`, see d3_plugin.auxiliary: id,
     corrupt:KIND[:SEVERITY], digits[:N], inversion[:N]) and/or calibrated for the bench's model by a
-    `registry.Calibration` such as GIC. Both enter the bench identity, so every result hash tells them apart."""
+    `registry.Calibration` such as GIC; `report(calibration_report)` is called once it has run.
+
+    Both enter the bench identity, so every result hash tells them apart. The data are made only when a
+    defense first needs them (`Bench.ready`), so a re-run that finds every row cached calibrates nothing."""
     if bench.reserved is None or (source in (None, "id") and calibration is None):
         return bench
     from .auxiliary import auxiliary_set, parse_source
+    from .registry import config_hash
 
     spec = parse_source(source or "id")
-    data, labeled = auxiliary_set(spec, bench.reserved, bench.model, bench.spec, seed=bench.seed, device=bench.device)
-    identity, report = {**bench.identity, "reserved_source": str(spec)}, None
+    identity = {**bench.identity, "reserved_source": str(spec)}
     if calibration is not None:
-        data, report = calibration(bench.model, data, bench.spec, labeled=labeled, device=bench.device,
-                                   progress=calibration.name)
         identity["calibration"] = calibration.hash()
-    return replace(bench, reserved=data, identity=identity, calibration_report=report)
+    draw = bench.reserved
+
+    def make():
+        data, labeled = auxiliary_set(spec, draw, bench.model, bench.spec, seed=bench.seed, device=bench.device)
+        if calibration is None:
+            return data, None
+        data, result = calibration(bench.model, data, bench.spec, labeled=labeled, device=bench.device,
+                                   progress=calibration.name)
+        if report is not None:
+            report(result)
+        return data, result
+
+    digest = config_hash({"reserved": draw.source_index.tolist(), "source": str(spec),
+                          "calibration": identity.get("calibration")})
+    return replace(bench, identity=identity, auxiliary=make, digest=digest)
 
 
 def poisoned_only(bd_test: ImageSet) -> ImageSet:

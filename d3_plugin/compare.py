@@ -288,6 +288,9 @@ def _run_one(bench, requested, before, cache, *, epochs, overrides, backdoorbenc
         if force_bb or entry.where != "native":
             if not (entry.backdoorbench or entry.where == "plugin class"):
                 raise ValueError(f"{entry.name} has no BackdoorBench script ({entry.notes or 'see its registry entry'})")
+            if "reserved_source" in bench.identity:
+                raise ValueError(f"{label} runs as BackdoorBench's own script, which reads only the in-distribution "
+                                 f"reserved draw; drop --reserved-source/--calibrate for it")
             # a forced bb:NAME row takes `--set bb:NAME.ARG=...` (BackdoorBench's own argument names)
             script = registry.ScriptDefense(entry, dict(overrides.get(requested.lower() if force_bb else entry.name, {})))
             if epochs is not None:

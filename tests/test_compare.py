@@ -329,12 +329,16 @@ def test_auxiliary_reserved_data_and_gic_enter_the_identity_and_the_command_line
 
     bench = cmp.bench_from_record(record, ratio=0.25, seed=0, device="cpu")
     assert with_auxiliary(bench, "id") is bench
-    noisy = with_auxiliary(bench, "corrupt:noise:2")
+    noisy = with_auxiliary(bench, "corrupt:noise:2").ready()
     assert noisy.identity["reserved_source"] == "corrupt:noise:2" and "calibration" not in noisy.identity
     assert torch.equal(noisy.reserved.labels, bench.reserved.labels)
     assert not torch.equal(noisy.reserved.images, bench.reserved.images)
-    calibrated = with_auxiliary(bench, "corrupt:noise:2", registry.build_calibration("gic", epochs=1))
-    assert calibrated.identity["calibration"] and calibrated.calibration_report["labels"] == "given"
+    reports = []
+    calibrated = with_auxiliary(bench, "corrupt:noise:2", registry.build_calibration("gic", epochs=1), reports.append)
+    assert calibrated.identity["calibration"] and calibrated.reserved is bench.reserved and not reports, "deferred"
+    digest = calibrated.reserved_digest()
+    assert calibrated.ready().calibration_report["labels"] == "given" and reports == [calibrated.calibration_report]
+    assert calibrated.reserved_digest() == digest != noisy.reserved_digest() != bench.reserved_digest()
 
     monkeypatch.setattr(records, "load_attack_result", lambda path, data_root=None: record)
     parser = argparse.ArgumentParser()
@@ -350,6 +354,15 @@ def test_auxiliary_reserved_data_and_gic_enter_the_identity_and_the_command_line
     assert "gic (seed 0) on digits: BN-statistics distance" in printed and "labels victim" in printed
     assert rows[0][0]["config_hash"] == rows[6][0]["config_hash"], "the no-defense row does not depend on them"
     assert rows[0][1]["config_hash"] != rows[6][1]["config_hash"]
+
+    def must_not_calibrate(*args, **kwargs):
+        raise AssertionError("every row is cached: nothing to calibrate")
+    monkeypatch.setattr(registry.Calibration, "__call__", must_not_calibrate)
+    again = common + ["--reserved-source", "digits", "--calibrate", "gic", "--set", "gic.epochs=1",
+                      "--out", str(tmp_path / "cli6")]
+    assert command.run(parser.parse_args(again)) == 0
+    bb_row = cmp.compare(with_auxiliary(bench, "digits"), ["bb:ft"], backdoorbench=str(tmp_path), echo=print)[1]
+    assert "drop --reserved-source/--calibrate" in bb_row["error"]
     with pytest.raises(ValueError, match="bad auxiliary source 'nope'"):
         command.run(parser.parse_args(common + ["--reserved-source", "nope"]))
     with pytest.raises(ValueError, match="unknown calibration 'gac'"):

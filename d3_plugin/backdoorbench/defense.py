@@ -432,12 +432,11 @@ class BackdoorBenchDefense:
         """The bench on `--reserved_source` data, calibrated by `--calibrate` (e.g. gic), as compare does."""
         source, calibrate = getattr(self.args, "reserved_source", None), getattr(self.args, "calibrate", None)
         calibration = registry.build_calibration(calibrate, seed=seed) if calibrate else None
-        bench = with_auxiliary(bench, source, calibration)
-        report = bench.calibration_report
-        if report:
+
+        def report(result):
             logger.info("%s on %s: BN-statistics distance %.3f -> %.3f, largest change %.4f, labels %s", calibrate,
-                        source or "id", report["bn_before"], report["bn_after"], report["max_change"], report["labels"])
-        return bench
+                        source or "id", result["bn_before"], result["bn_after"], result["max_change"], result["labels"])
+        return with_auxiliary(bench, source, calibration, report).ready()
 
     def _on_epoch(self, bench, loaders, run):
         frequency = int(getattr(self.args, "frequency_save", None) or 0)

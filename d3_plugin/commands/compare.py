@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
                                                  index_file=args.index), source, args.calibrate, overrides)
                for s in seeds]
     out = Path(args.out) if args.out else Path(record.folder) / "compare"
-    reserved = f"{len(benches[0].reserved)} reserved samples ({source}" + (f", calibrated by {args.calibrate})"
-                                                                          if args.calibrate else ")")
+    reserved = f"a reserved draw of {len(benches[0].reserved)} ({source}" + (f", calibrated by {args.calibrate})"
+                                                                            if args.calibrate else ")")
     print(f"compare on {record.folder} ({record.model_name}, {record.dataset}): {reserved}, "
           f"seed{'s' * (len(seeds) > 1)} {','.join(map(str, seeds))}, device {benches[0].device}; results in {out}")
     rows = compare(benches, names, epochs=args.epochs, out=out, overrides=overrides, backdoorbench=args.backdoorbench,
@@ -83,17 +83,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def auxiliary_bench(bench, source, calibrate, overrides):
-    """The bench on its auxiliary reserved data, calibrated if asked (one line each on what GIC did)."""
+    """The bench on its auxiliary reserved data, calibrated if asked; prints one line on what GIC did when
+    it runs (only for rows not already in the cache)."""
     from .. import registry
     from ..bench import with_auxiliary
 
     calibration = None
     if calibrate:
         calibration = registry.build_calibration(calibrate, seed=bench.seed, **overrides.get(calibrate.lower(), {}))
-    bench = with_auxiliary(bench, str(source), calibration)
-    report = bench.calibration_report
-    if report:
-        print(f"{calibration.name} (seed {bench.seed}) on {source}: BN-statistics distance {report['bn_before']:.3f} → "
-              f"{report['bn_after']:.3f}, largest change {report['max_change']:.4f}, labels {report['labels']}")
-    return bench
 
+    def report(result):
+        print(f"{calibration.name} (seed {bench.seed}) on {source}: BN-statistics distance {result['bn_before']:.3f} → "
+              f"{result['bn_after']:.3f}, largest change {result['max_change']:.4f}, labels {result['labels']}")
+    return with_auxiliary(bench, str(source), calibration, report)
