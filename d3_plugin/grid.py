@@ -47,11 +47,11 @@ from . import registry
 from .errors import one_line
 from .files import write_json
 
-GRID_KEYS = {"out", "seeds", "epochs", "ratio", "device", "data_root", "attacks", "defenses", "sweep",
+GRID_KEYS = {"out", "grids", "seeds", "epochs", "ratio", "device", "data_root", "attacks", "defenses", "sweep",
              "reserved_source", "calibrate", "calibrate_set", "dataset", "model"}
 ATTACK_KEYS = {"record", "attack", "name", "from", "params", "epochs", "train_size", "model", "dataset", "ratio",
                "target", "seed", "rho", "lr", "batch_size", "sam_epochs"}
-DEFENSE_KEYS = {"name", "label", "set"}
+DEFENSE_KEYS = {"name", "label", "set", "sweep"}
 FLATTEN = "sam-flatten"
 NO_DEFENSE = "no defense"
 
@@ -102,8 +102,33 @@ class Grid:
     cells: List[Cell]
 
 
-def load_grid(path: str | os.PathLike, out: Optional[str] = None) -> Grid:
-    """Read and check a grid file; every problem is a one-line GridError."""
+def load_grids(path: str | os.PathLike, out: Optional[str] = None) -> List[Grid]:
+    """Read and check a grid file: one grid, or several under `grids: {NAME: {...}}` that inherit every
+    top-level key, share `<out>/record/` (a record named alike in two grids is trained once and must be
+    described alike) and write their tables to `<out>/<NAME>/`. Every problem is a one-line GridError."""
+    raw, path = _read(path)
+    root = Path(out or raw.get("out") or path.with_suffix(""))
+    if "grids" not in raw:
+        return [plan(raw, root, base=path.parent)]
+    subgrids = raw["grids"]
+    if not isinstance(subgrids, Mapping) or not subgrids:
+        raise GridError("grids must map a name to a grid, e.g. grids: {table1: {attacks: [...], defenses: [...]}}")
+    shared = {k: v for k, v in raw.items() if k not in ("grids", "out")}
+    grids = [plan({**shared, **dict(sub or {})}, root / str(name), base=path.parent, records=root / "record")
+             for name, sub in subgrids.items()]
+    _same_records(grids)
+    return grids
+
+
+def _same_records(grids: Sequence["Grid"]) -> None:
+    seen: Dict[str, AttackJob] = {}
+    for job in (j for g in grids for j in g.attacks):
+        other = seen.setdefault(job.folder, job)
+        if (other.options, other.source) != (job.options, job.source):
+            raise GridError(f"record {job.name} is described differently in two grids; name one of them apart")
+
+
+def _read(path: str | os.PathLike) -> Tuple[Mapping[str, Any], Path]:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -113,14 +138,23 @@ def load_grid(path: str | os.PathLike, out: Optional[str] = None) -> Grid:
         raise GridError(f"grid file {path} is not valid YAML ({one_line(error)})") from None
     if not isinstance(raw, Mapping):
         raise GridError(f"grid file {path} must be a mapping with attacks, defenses and seeds")
-    return plan(raw, Path(out or raw.get("out") or path.with_suffix("")), base=path.parent)
+    return raw, path
 
 
-def plan(raw: Mapping[str, Any], out: Path, base: Path = Path(".")) -> Grid:
+def load_grid(path: str | os.PathLike, out: Optional[str] = None) -> Grid:
+    """A file holding one grid (no `grids:`)."""
+    grids = load_grids(path, out)
+    if len(grids) != 1:
+        raise GridError(f"{path} holds {len(grids)} grids; use load_grids")
+    return grids[0]
+
+
+def plan(raw: Mapping[str, Any], out: Path, base: Path = Path("."), records: Optional[Path] = None) -> Grid:
+    """The grid of one mapping; trained records go to `records` (default `<out>/record`)."""
     _known(raw, GRID_KEYS, "grid")
     seeds = _seeds(raw.get("seeds", [0]))
     sweep = _sweep(raw.get("sweep") or {})
-    attacks = _attack_jobs(raw.get("attacks"), sweep, out, base, raw)
+    attacks = _attack_jobs(raw.get("attacks"), sweep, records or out / "record", base, raw)
     defenses = _defense_settings(raw.get("defenses"), sweep)
     settings = {k: raw.get(k) for k in ("epochs", "ratio", "device", "data_root", "reserved_source", "calibrate",
                                          "calibrate_set")}
@@ -184,7 +218,7 @@ def _product(fixed: Mapping[str, Any], swept: Mapping[str, list]) -> List[Tuple[
     return combos
 
 
-def _attack_jobs(entries, sweep, out: Path, base: Path, raw: Mapping) -> List[AttackJob]:
+def _attack_jobs(entries, sweep, records: Path, base: Path, raw: Mapping) -> List[AttackJob]:
     if not isinstance(entries, list) or not entries:
         raise GridError("attacks must be a non-empty list of {record: PATH} or {attack: NAME, ...}")
     jobs: List[AttackJob] = []
@@ -193,7 +227,7 @@ def _attack_jobs(entries, sweep, out: Path, base: Path, raw: Mapping) -> List[At
         if not isinstance(entry, Mapping):
             raise GridError(f"attack entry {entry!r} must be a mapping")
         _known(entry, ATTACK_KEYS, f"attack {entry.get('attack') or entry.get('record')}")
-        jobs += _one_attack(dict(entry), sweep, out, base, raw, jobs)
+        jobs += _one_attack(dict(entry), sweep, records, base, raw, jobs)
     names = [j.name for j in jobs]
     if len(set(names)) < len(names):
         raise GridError(f"two attacks share a record name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
@@ -201,7 +235,8 @@ def _attack_jobs(entries, sweep, out: Path, base: Path, raw: Mapping) -> List[At
     return jobs
 
 
-def _one_attack(entry: dict, sweep, out: Path, base: Path, raw: Mapping, earlier: List[AttackJob]) -> List[AttackJob]:
+def _one_attack(entry: dict, sweep, records: Path, base: Path, raw: Mapping,
+                earlier: List[AttackJob]) -> List[AttackJob]:
     if "record" in entry:
         if set(entry) - {"record", "name"}:
             raise GridError(f"record entry {entry['record']}: only `record` and `name` apply to an existing record")
@@ -234,7 +269,7 @@ def _one_attack(entry: dict, sweep, out: Path, base: Path, raw: Mapping, earlier
             parts = [name] + ([origin.name] if len(sources) > 1 else [])
             parts += [suffix.replace("params.", "").replace("=", "").replace(",", "-")] if suffix else []
             job_name = "-".join(parts)
-            jobs.append(AttackJob(job_name, str(out / "record" / job_name), {"attack": attack, **chosen},
+            jobs.append(AttackJob(job_name, str(records / job_name), {"attack": attack, **chosen},
                                   origin.folder if origin else None, name))
     return jobs
 
@@ -249,7 +284,10 @@ def _defense_settings(entries, sweep) -> List[Tuple[str, str, Dict[str, Any]]]:
         entry = {"name": entry} if isinstance(entry, str) else dict(entry)
         _known(entry, DEFENSE_KEYS, f"defense {entry.get('name')}")
         name = str(entry["name"]).lower()
-        for overrides, suffix in _product(dict(entry.get("set") or {}), sweep.get(name, {})):
+        own = entry.get("sweep") or {}
+        if not isinstance(own, Mapping) or not all(isinstance(v, list) and v for v in own.values()):
+            raise GridError(f"defense {name}: sweep must map PARAM to a list of values, e.g. {{lam: [1, 10]}}")
+        for overrides, suffix in _product(dict(entry.get("set") or {}), {**sweep.get(name, {}), **own}):
             try:
                 registry.build(name, **overrides)
             except (TypeError, ValueError) as error:

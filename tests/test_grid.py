@@ -164,3 +164,22 @@ def test_the_ray_executor_runs_the_same_tiny_grid(made, tmp_path):
     assert [(r["defense"], r["acc"], r["asr"], r["config_hash"]) for r in rows] == [
         (r["defense"], r["acc"], r["asr"], r["config_hash"]) for r in local]
     assert len(cell_folders(tmp_path / "ray")) == 3
+
+
+def test_several_grids_in_one_file_share_their_records(tmp_path):
+    raw = {"seeds": [0, 1], "epochs": 3,
+           "grids": {"table1": {"attacks": [{"attack": "badnets", "epochs": 2}], "defenses": ["ft", "d3"]},
+                     "table5": {"attacks": [{"attack": "badnets", "epochs": 2},
+                                            {"attack": "sam-flatten", "from": "badnets", "rho": [1, 2]}],
+                                "defenses": ["ft"], "seeds": [0]}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    table1, table5 = grids.load_grids(tmp_path / "r.yaml")
+    assert (table1.out, table5.out) == (tmp_path / "r" / "table1", tmp_path / "r" / "table5")
+    assert table1.attacks[0].folder == table5.attacks[0].folder == str(tmp_path / "r" / "record" / "badnets")
+    assert (len(table1.cells), len(table5.cells)) == (4, 3) and table1.cells[0].settings["epochs"] == 3
+    with pytest.raises(GridError, match="holds 2 grids"):
+        load_grid(tmp_path / "r.yaml")
+    raw["grids"]["table5"]["attacks"][0]["epochs"] = 5
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match="record badnets is described differently in two grids"):
+        grids.load_grids(tmp_path / "r.yaml")

@@ -22,20 +22,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..grid import LocalPool, RayPool, load_grid, run_grid
+    from ..grid import LocalPool, RayPool, load_grids, run_grid
 
-    grid = load_grid(args.config, args.out)
-    trained = [job for job in grid.attacks if job.trained]
-    print(f"grid {args.config}: {len(grid.attacks)} records ({len(trained)} to train), {len(grid.cells)} cells "
-          f"({len({c.label for c in grid.cells})} defense settings × {len(grid.seeds)} seeds); out {grid.out}")
+    grids = load_grids(args.config, args.out)
+    for grid in grids:
+        trained = [job for job in grid.attacks if job.trained]
+        print(f"grid {grid.out.name}: {len(grid.attacks)} records ({len(trained)} to train), {len(grid.cells)} cells "
+              f"({len({c.label for c in grid.cells})} defense settings × {len(grid.seeds)} seeds); out {grid.out}")
+        if args.dry_run:
+            for job in grid.attacks:
+                print(f"  record {job.name}: {'train ' + str(dict(job.options)) if job.trained else job.folder}")
+            for label in dict.fromkeys(c.label for c in grid.cells):
+                print(f"  defense {label}")
     if args.dry_run:
-        for job in grid.attacks:
-            print(f"  record {job.name}: {'train ' + str(dict(job.options)) if job.trained else job.folder}")
-        for label in dict.fromkeys(c.label for c in grid.cells):
-            print(f"  defense {label}")
         return 0
     pool = (RayPool(args.address, args.cpus_per_task, args.gpus_per_task) if args.executor == "ray"
             else LocalPool(args.workers))
-    rows = run_grid(grid, pool)
-    print((grid.out / "grid.md").read_text())
-    return 1 if any(row["error"] for row in rows) else 0
+    failed = False
+    for grid in grids:
+        rows = run_grid(grid, pool)
+        print((grid.out / "grid.md").read_text())
+        failed = failed or any(row["error"] for row in rows)
+    return 1 if failed else 0
