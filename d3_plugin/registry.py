@@ -476,8 +476,8 @@ def config_hash(payload: Mapping) -> str:
 
 
 @dataclass
-class Defense:
-    """A runnable native defense: `defense(model, clean_batches, on_epoch=, progress=)` → (model, history)."""
+class Runnable:
+    """An entry with its built config: what runs, and the hash that names the run."""
 
     entry: Entry
     config: Any
@@ -491,6 +491,10 @@ class Defense:
 
     def hash(self) -> str:
         return config_hash({"name": self.name, "config": self.config_dict()})
+
+
+class Defense(Runnable):
+    """A runnable native defense: `defense(model, clean_batches, on_epoch=, progress=)` → (model, history)."""
 
     def __call__(self, model, clean_batches, *, on_epoch=None, progress=None, **extra):
         return self.entry.run(model, clean_batches, self.config, on_epoch=on_epoch, progress=progress, **extra)
@@ -532,24 +536,9 @@ def build(name: str, dataset: Optional[str] = None, *, model: Optional[str] = No
     return Defense(entry, make_config(entry, values))
 
 
-@dataclass
-class Calibration:
+class Calibration(Runnable):
     """A runnable calibration of the reserved set: `calibration(model, data, spec, labeled=, device=)` →
     (calibrated ImageSet, report)."""
-
-    entry: Entry
-    config: Any
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    def config_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self.config) if self.config is not None else {}
-
-    def hash(self) -> str:
-        return config_hash({"name": self.name, "config": self.config_dict()})
-
     def __call__(self, model, data, spec, *, labeled: bool = True, device="cpu", progress=None):
         return self.entry.run(model, data, spec, self.config, labeled=labeled, device=device, progress=progress)
 

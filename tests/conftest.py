@@ -122,3 +122,26 @@ def backdoored(backdoored_once) -> Backdoored:
     """The session's backdoored model, copied so that no test can change it for another."""
     with torch_threads(1):
         yield dataclasses.replace(backdoored_once, model=copy.deepcopy(backdoored_once.model))
+
+
+def synthetic(n: int, seed: int) -> ImageSet:
+    """n random 28×28 grey images with random labels: plumbing data, no efficacy."""
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (n,), generator=g))
+
+
+@pytest.fixture
+def record(tmp_path):
+    """A small synthetic AttackRecord in memory (an untrained small CNN, 400 train and 100 test images)."""
+    from d3_plugin.backdoorbench.records import AttackRecord
+
+    torch.manual_seed(0)
+    test = synthetic(100, 1)
+    folder = tmp_path / "checkout" / "record" / "badnet_tiny"
+    folder.mkdir(parents=True)
+    return AttackRecord(folder=folder, checkout_root=tmp_path / "checkout", model_name="small_cnn",
+                        num_classes=10, dataset="fashion_mnist", spec=dataset_spec("fashion_mnist"),
+                        img_size=(28, 28, 1), state_dict=build_model("small_cnn", 10, 1, 28).state_dict(),
+                        clean_train=synthetic(400, 0), clean_test=test, bd_test=poison_test_set(test, BadNets(), 0))
+

@@ -24,25 +24,6 @@ from d3_plugin.models import build_model
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def synthetic(n: int, seed: int) -> ImageSet:
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
-                    torch.randint(0, 10, (n,), generator=g))
-
-
-@pytest.fixture
-def record(tmp_path):
-    torch.manual_seed(0)
-    test = synthetic(100, 1)
-    folder = tmp_path / "checkout" / "record" / "badnet_tiny"
-    folder.mkdir(parents=True)
-    return records.AttackRecord(folder=folder, checkout_root=tmp_path / "checkout", model_name="small_cnn",
-                                num_classes=10, dataset="fashion_mnist", spec=dataset_spec("fashion_mnist"),
-                                img_size=(28, 28, 1), state_dict=build_model("small_cnn", 10, 1, 28).state_dict(),
-                                clean_train=synthetic(400, 0), clean_test=test,
-                                bd_test=poison_test_set(test, BadNets(), 0))
-
-
 @pytest.fixture
 def bench(record):
     return cmp.bench_from_record(record, ratio=0.25, seed=0, device="cpu")
