@@ -229,11 +229,10 @@ def interpolate_plot(rows: Sequence[Mapping[str, Any]]) -> bytes:
         ax.set_xlabel("t  (θ_init + t·(θ_defended − θ_init))")
         ax.set_ylabel(label)
         ax.legend(fontsize="small")
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     losses.set_yscale("log")
-    plain = FuncFormatter(lambda value, _position: f"{value:g}")
-    losses.yaxis.set_major_formatter(plain)
-    losses.yaxis.set_minor_formatter(plain)
+    losses.yaxis.set_major_formatter(FuncFormatter(lambda value, _position: f"{value:g}"))
+    losses.yaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
     rates.set_ylim(-2, 102)
     return _png(fig)
 
