@@ -3,11 +3,12 @@ from .badnets import BadNets
 from .base import Trigger, choose_poison_index, poison_test_set, poison_training_set
 from .training import TrainConfig, train_model
 from .blended import Blended
+from .input_aware import InputAwareConfig, InputAwareTrigger
 from .lf import LowFrequency
 from .sig import SIG
 from .wanet import WaNet
 from .registry import Attack, attacks, get_attack
 
 __all__ = ["BadNets", "Trigger", "choose_poison_index", "poison_test_set", "poison_training_set",
-           "TrainConfig", "train_model", "Blended", "LowFrequency", "SIG", "WaNet", "Attack", "attacks",
-           "get_attack"]
+           "TrainConfig", "train_model", "Blended", "InputAwareConfig", "InputAwareTrigger", "LowFrequency", "SIG",
+           "WaNet", "Attack", "attacks", "get_attack"]

@@ -1,6 +1,8 @@
 """The attacks: `Attack` (trigger factory, clean-label flag, default parameters) objects registered in
-`d3_plugin.registry` (group "attack"), with the record transform `sam-flatten`. Other packages add theirs
-through the entry-point group `backdoorbench.attacks` (see `d3_plugin.registry` for the shapes accepted).
+`d3_plugin.registry` (group "attack"), with the record transform `sam-flatten` and the trained-trigger
+attack `input-aware` (its trigger is a network trained with the model, so it is no static `Attack`).
+Other packages add theirs through the entry-point group `backdoorbench.attacks` (see `d3_plugin.registry`
+for the shapes accepted).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from ..data import ImageSet
 from .badnets import BadNets
 from .base import Trigger, poison_test_set, poison_training_set
 from .blended import Blended
+from .input_aware import InputAwareConfig, input_aware
 from .lf import LowFrequency
 from .sam_flatten import FlattenConfig, sam_flatten
 from .sig import SIG
@@ -80,10 +83,16 @@ for _attack in (badnets, blended, sig, wanet, lf):
 SAM_FLATTEN = "sam-flatten"
 registry.register_attack(sam_flatten, name=SAM_FLATTEN, config=FlattenConfig,
                          notes="the paper's adaptive attack: (A)SAM-flattens an existing record's backdoor (ρ 1–3)")
+INPUT_AWARE = "input-aware"
+registry.register_attack(input_aware, name=INPUT_AWARE, config=InputAwareConfig,
+                         notes="(Nguyen & Tran 2020) input-aware dynamic backdoor: a generator network makes a "
+                               "per-image trigger x + M(x)⊙(G(x) − x), trained with the classifier (cross "
+                               "triggers keep their label, diversity loss)")
 
 
 def attacks() -> Dict[str, Attack]:
-    """Every trigger attack by name: ours and those of `backdoorbench.attacks` plugins (not sam-flatten)."""
+    """Every trigger attack by name: ours and those of `backdoorbench.attacks` plugins (not sam-flatten nor
+    input-aware)."""
     return {e.name: e.run for e in registry.list_entries("attack") if isinstance(e.run, Attack)}
 
 

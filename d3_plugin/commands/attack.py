@@ -1,5 +1,6 @@
 """`d3-plugin attack <name>`: train a backdoored model on CPU/GPU and save a BackdoorBench record;
-`d3-plugin attack sam-flatten --result_file X`: flatten an existing record's backdoor with (A)SAM."""
+`d3-plugin attack sam-flatten --result_file X`: flatten an existing record's backdoor with (A)SAM;
+`d3-plugin attack input-aware`: train the input-aware dynamic backdoor (classifier + trigger generator)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import torch
 
 from .. import registry
 from ..attacks import TrainConfig, train_model
+from ..attacks import input_aware as ia
 from ..attacks.flatness import measure_flatness
 from ..attacks.record import epoch_evaluator, flatness_batches, save_record
 from ..attacks.registry import attacks, get_attack
@@ -22,17 +24,24 @@ from ..training import resolve_device, seed_everything
 NAME = "attack"
 HELP = "train a backdoor attack (or SAM-flatten one) and save it as a BackdoorBench record folder"
 FLATTEN = "sam-flatten"
+INPUT_AWARE = "input-aware"
+# input-aware config fields set by this command's own options, not by --param
+INPUT_AWARE_OPTIONS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed",
+                       "ratio": "--ratio", "target": "--target"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("attack", help=f"attack name ({', '.join(sorted(attacks()))}) or {FLATTEN}")
+    parser.add_argument("attack", help=f"attack name ({', '.join(sorted(attacks()))}, {INPUT_AWARE}) or "
+                                       f"{FLATTEN}")
     parser.add_argument("--out", required=True, help="record folder to write: <checkout>/record/<name>")
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--data_root", "--data-root", dest="data_root", default=None,
                         help="folder holding the dataset files")
     parser.add_argument("--model", default="small_cnn")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 10; sam-flatten 5)")
-    parser.add_argument("--ratio", type=float, default=None, help="poisoning ratio (default: the attack's, 0.1)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default 10; sam-flatten 5; input-aware 16)")
+    parser.add_argument("--ratio", type=float, default=None,
+                        help="poisoning ratio (default: the attack's, 0.1; input-aware: ρ_b of every batch)")
     parser.add_argument("--target", type=int, default=0)
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="attack parameter, e.g. alpha=0.3 (repeatable; values parsed as YAML)")
@@ -89,6 +98,8 @@ def run(args) -> int:
         return _run_flatten(args, device)
     if args.result_file:
         raise ValueError("--result_file is only for `attack sam-flatten`; drop it or use sam-flatten")
+    if args.attack == INPUT_AWARE:
+        return _run_input_aware(args, device)
     return _run_attack(args, device)
 
 
@@ -117,13 +128,7 @@ def _run_attack(args, device) -> int:
     params = parse_params(args.param)
     trigger_params, poison_params = attack.split_params(params)  # fail on unknown keys before loading data
     spec = dataset_spec(args.dataset)
-    train, test = load_dataset(spec.name, True, args.data_root), load_dataset(spec.name, False, args.data_root)
-    full_size = len(train)
-    if args.train_size is not None:
-        if args.train_size > full_size:
-            raise ValueError(f"--train-size {args.train_size} is larger than the {full_size} training images")
-        order = torch.randperm(full_size, generator=torch.Generator().manual_seed(args.seed))
-        train = train.subset(order[:args.train_size].sort().values)
+    train, test, full_size = _load_data(args, spec)
     poisoned = attack.poison_train(train, ratio=args.ratio, target=args.target, seed=args.seed, **params)
     bd_test = attack.poison_test(test, target=args.target, **params)
     model = build_model(args.model, spec.num_classes, spec.channels, spec.size)
@@ -144,6 +149,83 @@ def _run_attack(args, device) -> int:
     save_record(args.out, model.cpu(), model_name=args.model, num_classes=spec.num_classes, spec=spec,
                 poisoned_train=poisoned, bd_test=bd_test, history=history, info=info, clean_train_size=full_size,
                 clean_test_size=len(test))
+    print(f"saved {Path(args.out) / 'attack_result.pt'}")
+    return 0
+
+
+def _load_data(args, spec):
+    """(training set, optionally a seeded subset; test set; size of the full training split)."""
+    train, test = load_dataset(spec.name, True, args.data_root), load_dataset(spec.name, False, args.data_root)
+    full_size = len(train)
+    if args.train_size is not None:
+        if args.train_size > full_size:
+            raise ValueError(f"--train-size {args.train_size} is larger than the {full_size} training images")
+        order = torch.randperm(full_size, generator=torch.Generator().manual_seed(args.seed))
+        train = train.subset(order[:args.train_size].sort().values)
+    return train, test, full_size
+
+
+def input_aware_config(args) -> "ia.InputAwareConfig":
+    """The input-aware settings: config defaults < --param KEY=VALUE < this command's own options."""
+    params = parse_params(args.param)
+    known = ia.InputAwareConfig.field_names()
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        free = ", ".join(k for k in known if k not in INPUT_AWARE_OPTIONS)
+        raise ValueError(f"attack {INPUT_AWARE!r} has no parameter {', '.join(unknown)}; known: {free}")
+    owned = sorted(set(params) & set(INPUT_AWARE_OPTIONS))
+    if owned:
+        raise ValueError(f"set {', '.join(owned)} with {', '.join(INPUT_AWARE_OPTIONS[k] for k in owned)}, "
+                         f"not --param")
+    defaults = ia.InputAwareConfig().to_dict()
+    for key, value in params.items():  # YAML reads 1e-3 as a string; a float field takes it as the number
+        if isinstance(defaults[key], float) and isinstance(value, str):
+            try:
+                params[key] = float(value)
+            except ValueError:
+                pass
+    values = {**params, "batch_size": args.batch_size, "seed": args.seed, "target": args.target}
+    for key in ("epochs", "lr", "ratio"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    return ia.InputAwareConfig(**values)
+
+
+def _run_input_aware(args, device) -> int:
+    """Train classifier + trigger generator, materialise the per-image triggers, save the record (and G, M)."""
+    config = input_aware_config(args)  # fail on bad parameters before loading data
+    spec = dataset_spec(args.dataset)
+    if config.target >= spec.num_classes:
+        raise ValueError(f"--target {config.target} is not a class of {spec.name} (0–{spec.num_classes - 1})")
+    train, test, full_size = _load_data(args, spec)
+    model = build_model(args.model, spec.num_classes, spec.channels, spec.size)
+    evaluator = ia.epoch_evaluator(test, spec, device, config.target)
+    model, trigger, history = ia.input_aware(model, train, spec, config, device=device, on_epoch=evaluator,
+                                             progress=INPUT_AWARE)
+    mask_rows = [row for row in history if row.get("phase") == "mask"]
+    history = [row for row in history if row.get("phase") != "mask"]
+    bd_test = evaluator.bd_test  # made with the final G after the last epoch: the set the ASR was measured on
+    poisoned = ia.poisoned_training_set(train, trigger, config)
+    modified = int(poisoned.poisoned.sum())
+    relabelled = int((poisoned.poisoned & (poisoned.labels != poisoned.original_labels)).sum())
+    masks = trigger.masks(test.images[:1000])
+    info = {"attack": INPUT_AWARE, "params": config.to_dict(), "target": config.target, "ratio": config.ratio,
+            "cross_ratio": config.cross_ratio, "clean_label": False, "poisoned_samples": modified,
+            "backdoor_samples": relabelled, "cross_samples": modified - relabelled, "train_size": len(train),
+            "model": args.model, "mask_pretraining": mask_rows, "mask_mean": float(masks.mean()),
+            "mask_pixels_over_half": float((masks > 0.5).flatten(1).sum(1).float().mean()),
+            "cross_acc": history[-1].get("cross_acc"), "trigger_networks": ia.NETWORKS_FILE}
+    if args.rho is not None:
+        model, sam_history, sam_info = _flatten(model, poisoned, spec, args, device, args.sam_epochs, test, bd_test)
+        history += sam_history
+        info.update(sam_info)
+    _report(history)
+    print(f"cross-trigger ACC {info['cross_acc']:.2%} (another image's trigger; true labels kept)"
+          f"{' before SAM' if args.rho is not None else ''}")
+    save_record(args.out, model.cpu(), model_name=args.model, num_classes=spec.num_classes, spec=spec,
+                poisoned_train=poisoned, bd_test=bd_test, history=history, info=info, clean_train_size=full_size,
+                clean_test_size=len(test))
+    trigger.save(Path(args.out) / ia.NETWORKS_FILE, config)
     print(f"saved {Path(args.out) / 'attack_result.pt'}")
     return 0
 
