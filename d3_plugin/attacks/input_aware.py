@@ -40,13 +40,14 @@ from ..evaluation import evaluate
 from ..files import torch_save
 from ..training import cosine, fit, sgd
 from .base import poison_test_set, poison_training_set
+from .training import TrainConfig
 
 NETWORKS_FILE = "input_aware_networks.pt"
 EPSILON = 1e-6
 
 
 @dataclass
-class InputAwareConfig:
+class InputAwareConfig(TrainConfig):
     """Defaults sized for a small CNN on Fashion-MNIST on a CPU (see docs/attacks.md for the measured run).
 
     ratio / cross_ratio: ρ_b / ρ_c, fractions of every batch (and of the materialised poisoned training
@@ -56,12 +57,7 @@ class InputAwareConfig:
     layer (M uses half); eval_every: run `on_epoch` every this many epochs (and after the last; each
     evaluation regenerates the backdoor test set with the current G)."""
 
-    epochs: int = 16
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    seed: int = 0
+    epochs: int = 16              # the classifier's recipe is TrainConfig's (lr, momentum, ...)
     ratio: float = 0.1
     cross_ratio: float = 0.1
     target: int = 0
