@@ -355,11 +355,19 @@ def get(name: str, group: str = "defense") -> Entry:
     entries = load(group)
     key = _key(name).replace("_", "-") if _key(name) not in entries else _key(name)
     if key not in entries:
-        raise ValueError(f"unknown {group} {name!r}; known: {', '.join(entries)}")
+        raise ValueError(f"unknown {group} {name!r}{_elsewhere(key, group)}; known: {', '.join(entries)}")
     entry = entries[key]
     if entry.broken:
         raise ValueError(f"{group} {entry.name!r} ({entry.origin}) is broken: {entry.broken}")
     return entry
+
+
+def _elsewhere(key: str, group: str) -> str:
+    """' (it is an attack)' and the like, when the name belongs to another group."""
+    other = next((g for g in GROUPS if g != group and (g, key) in _REGISTERED), None)
+    if other == "calibration":
+        return f" (it is a calibration of the reserved data: --calibrate {key})"
+    return f" (it is {'an' if other == 'attack' else 'a'} {other})" if other else ""
 
 
 # --- settings and building -------------------------------------------------------------------------

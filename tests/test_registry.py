@@ -117,8 +117,11 @@ def test_unknown_names_and_parameters_are_one_line_errors():
         registry.get("nope")
     with pytest.raises(ValueError, match="unknown hyper-parameter.*lamda.*valid: .*lam"):
         registry.build("d3", lamda=3)
-    with pytest.raises(ValueError, match="unknown defense 'gic'"):
+    with pytest.raises(ValueError, match=r"unknown defense 'gic' \(it is a calibration of the reserved data: "
+                                         r"--calibrate gic\)"):
         registry.build("gic")
+    with pytest.raises(ValueError, match=r"unknown defense 'badnets' \(it is an attack\)"):
+        registry.get("badnets")
     with pytest.raises(ValueError, match="gic: norm must be one of"):
         registry.build_calibration("gic", norm="l1")
     with pytest.raises(ValueError, match="unknown attack 'nope'"):
