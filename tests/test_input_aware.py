@@ -184,7 +184,7 @@ def test_trigger_networks_save_and_load(trained, tmp_path, data):
 def test_registered_like_sam_flatten():
     entry = registry.get("input-aware", "attack")
     assert entry.run is input_aware and entry.config is InputAwareConfig
-    assert entry.notes.startswith("(Nguyen & Tran 2020)")
+    assert entry.notes.endswith("(Nguyen & Tran 2020)")
     with pytest.raises(ValueError, match="not a trigger attack"):
         get_attack("input-aware")
 

@@ -85,9 +85,8 @@ registry.register_attack(sam_flatten, name=SAM_FLATTEN, config=FlattenConfig,
                          notes="the paper's adaptive attack: (A)SAM-flattens an existing record's backdoor (ρ 1–3)")
 INPUT_AWARE = "input-aware"
 registry.register_attack(input_aware, name=INPUT_AWARE, config=InputAwareConfig,
-                         notes="(Nguyen & Tran 2020) input-aware dynamic backdoor: a generator network makes a "
-                               "per-image trigger x + M(x)⊙(G(x) − x), trained with the classifier (cross "
-                               "triggers keep their label, diversity loss)")
+                         notes="per-image triggers from a generator trained with the classifier "
+                               "(Nguyen & Tran 2020)")
 
 
 def attacks() -> Dict[str, Attack]:
