@@ -20,7 +20,6 @@ result is kept inside it as well.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Dict, List, Optional, Tuple
 
@@ -266,7 +265,3 @@ def _max_norm(change: torch.Tensor, norm: str) -> float:
     flat = change.flatten(1)
     values = flat.abs().amax(1) if norm == "linf" else torch.linalg.vector_norm(flat, dim=1)
     return float(values.max())
-
-
-def within_bound(report: Dict, config: GICConfig) -> bool:
-    return report["max_change"] <= config.delta + 1e-6 or math.isclose(report["max_change"], config.delta)
