@@ -91,7 +91,7 @@ class Cell:
     key: str = ""
 
     def path(self, out: Path) -> Path:
-        return out / "cells" / self.record / self.label / f"seed{self.seed}-{self.key}"
+        return out / "cells" / self.record / self.label.replace(" ", "-") / f"seed{self.seed}-{self.key}"
 
 
 @dataclass

@@ -105,6 +105,7 @@ def test_a_tiny_grid_runs_then_skips_finished_cells_and_retries_failed_ones(made
     assert not any(r["error"] for r in rows) and all(0 <= r["der"] <= 1 for r in rows[1:])
     assert {p.name for p in out.iterdir()} == {"cells", "grid.md", "grid.csv", "grid.json", "grid.png"}
     assert len(cell_folders(out)) == 5 and not list(out.rglob(".*partial*"))
+    assert (out / "cells" / "badnets" / "no-defense").is_dir(), "no spaces in cell paths"
     table = json.loads((out / "grid.json").read_text())["aggregate"]
     assert [(r["record"], r["defense"], r["n"]) for r in table] == [("badnets", "no defense", 1), ("badnets", "ft", 2),
                                                                    ("badnets", "d3", 2)]
