@@ -35,7 +35,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ import yaml
 
 from . import registry
 from .errors import one_line
-from .files import write_json
+from .files import StagedFolder, write_json
 
 GRID_KEYS = {"out", "grids", "seeds", "epochs", "ratio", "device", "data_root", "attacks", "defenses", "sweep",
              "reserved_source", "calibrate", "calibrate_set", "dataset", "model"}
@@ -400,15 +399,11 @@ def _measure(cell: Cell) -> Dict[str, Any]:
 
 
 def _publish(final: Path, result: Mapping[str, Any]) -> None:
-    """Write the cell aside and rename it into place: the folder is whole or absent."""
-    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write_json(staging / "result.json", result)
-    try:
-        staging.rename(final)
-    except OSError:  # another worker finished the same cell first: keep its folder
-        shutil.rmtree(staging, ignore_errors=True)
+    """Write the cell aside and swap it into place (files.StagedFolder): the folder is whole or absent."""
+    staged = StagedFolder(final)
+    staged.staging.mkdir(parents=True)
+    write_json(staged.staging / "result.json", result)
+    staged.publish()
 
 
 def no_defense_cells(grid: Grid) -> List[Cell]:

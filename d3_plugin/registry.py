@@ -431,19 +431,19 @@ def make_config(entry: Entry, values: Mapping[str, Any]):
 
 # fields many configs share, checked for every defense: name → (test, what it must be)
 COMMON_FIELDS = {
-    "batch_size": (lambda v: _integer(v) and v >= 1, "an integer ≥ 1"),
-    "lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number ≥ 0"),
-    "seed": (lambda v: _integer(v) and v >= 0, "an integer ≥ 0"),
+    "batch_size": (lambda v: is_integer(v) and v >= 1, "an integer ≥ 1"),
+    "lr": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
+    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: is_number(v) and v >= 0, "a finite number ≥ 0"),
+    "seed": (lambda v: is_integer(v) and v >= 0, "an integer ≥ 0"),
 }
 
 
-def _integer(value) -> bool:
+def is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
     import math
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -453,7 +453,7 @@ def check_common(entry: Entry, config) -> None:
     (a defense's own checks live in its config's __post_init__)."""
     for name in budget_fields(entry.config):
         value = getattr(config, name)
-        if value is not None and not (_integer(value) and value >= 0):
+        if value is not None and not (is_integer(value) and value >= 0):
             raise ValueError(f"{entry.name}: {name} must be an integer ≥ 0, got {value!r}")
     for name, (valid, what) in COMMON_FIELDS.items():
         if hasattr(config, name) and not valid(getattr(config, name)):

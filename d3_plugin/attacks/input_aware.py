@@ -38,6 +38,7 @@ from torch import nn
 from ..data import DatasetSpec, ImageSet, Loader
 from ..evaluation import evaluate
 from ..files import torch_save
+from ..registry import is_integer, is_number
 from ..training import cosine, fit, sgd
 from .base import poison_test_set, poison_training_set
 from .training import TrainConfig
@@ -72,23 +73,23 @@ class InputAwareConfig(TrainConfig):
 
     def __post_init__(self):
         checks = [
-            (_integer(self.epochs) and self.epochs >= 1, "epochs must be an integer ≥ 1"),
-            (_integer(self.mask_epochs) and self.mask_epochs >= 0, "mask_epochs must be an integer ≥ 0"),
-            (_integer(self.batch_size) and self.batch_size >= 2, "batch_size must be an integer ≥ 2"),
-            (_integer(self.seed) and self.seed >= 0, "seed must be an integer ≥ 0"),
-            (_integer(self.target) and self.target >= 0, "target must be an integer ≥ 0"),
-            (_integer(self.width) and self.width >= 2, "width must be an integer ≥ 2"),
-            (_integer(self.eval_every) and self.eval_every >= 1, "eval_every must be an integer ≥ 1"),
-            (_number(self.ratio) and 0 <= self.ratio < 1, "ratio must be in [0, 1)"),
-            (_number(self.cross_ratio) and self.cross_ratio >= 0, "cross_ratio must be ≥ 0"),
-            (_number(self.ratio) and _number(self.cross_ratio) and self.ratio + self.cross_ratio <= 1,
+            (is_integer(self.epochs) and self.epochs >= 1, "epochs must be an integer ≥ 1"),
+            (is_integer(self.mask_epochs) and self.mask_epochs >= 0, "mask_epochs must be an integer ≥ 0"),
+            (is_integer(self.batch_size) and self.batch_size >= 2, "batch_size must be an integer ≥ 2"),
+            (is_integer(self.seed) and self.seed >= 0, "seed must be an integer ≥ 0"),
+            (is_integer(self.target) and self.target >= 0, "target must be an integer ≥ 0"),
+            (is_integer(self.width) and self.width >= 2, "width must be an integer ≥ 2"),
+            (is_integer(self.eval_every) and self.eval_every >= 1, "eval_every must be an integer ≥ 1"),
+            (is_number(self.ratio) and 0 <= self.ratio < 1, "ratio must be in [0, 1)"),
+            (is_number(self.cross_ratio) and self.cross_ratio >= 0, "cross_ratio must be ≥ 0"),
+            (is_number(self.ratio) and is_number(self.cross_ratio) and self.ratio + self.cross_ratio <= 1,
              "ratio + cross_ratio must be ≤ 1"),
-            (_number(self.mask_density) and 0 < self.mask_density <= 1, "mask_density must be in (0, 1]"),
-            (_number(self.momentum) and 0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (is_number(self.mask_density) and 0 < self.mask_density <= 1, "mask_density must be in (0, 1]"),
+            (is_number(self.momentum) and 0 <= self.momentum < 1, "momentum must be in [0, 1)"),
         ]
-        checks += [(_number(getattr(self, name)) and getattr(self, name) > 0, f"{name} must be a number > 0")
+        checks += [(is_number(getattr(self, name)) and getattr(self, name) > 0, f"{name} must be a number > 0")
                    for name in ("lr", "generator_lr", "mask_lr")]
-        checks += [(_number(getattr(self, name)) and getattr(self, name) >= 0, f"{name} must be a number ≥ 0")
+        checks += [(is_number(getattr(self, name)) and getattr(self, name) >= 0, f"{name} must be a number ≥ 0")
                    for name in ("weight_decay", "lambda_div", "lambda_norm")]
         for ok, message in checks:
             if not ok:
@@ -100,15 +101,6 @@ class InputAwareConfig(TrainConfig):
     @classmethod
     def field_names(cls) -> List[str]:
         return [f.name for f in fields(cls)]
-
-
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
-        and abs(value) != float("inf")
 
 
 # --------------------------------------------------------------------------------------------- networks
