@@ -19,7 +19,7 @@ from torch import nn
 
 from .backdoorbench.reserved import reserved_indices
 from .data import DatasetSpec, ImageSet, Loader
-from .evaluation import evaluate
+from .evaluation import eval_batch_size, evaluate
 from .training import resolve_device, seed_everything
 
 DEFAULT_BATCH_SIZE = 256  # for a defense whose config names no batch size
@@ -38,7 +38,7 @@ class Bench:
     seed: int = 0
     identity: Dict[str, Any] = field(default_factory=dict)  # record, reserved draw: enters every hash
     record_folder: Optional[Path] = None
-    eval_batch_size: int = 512
+    eval_batch_size: Optional[int] = None  # None: by device (evaluation.eval_batch_size)
     model_name: Optional[str] = None  # picks per-architecture defaults such as D3's layers
     precision: Any = "fp32"  # of the evaluation passes (d3_plugin.precision)
     track: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None  # per-epoch curves, if wanted
@@ -53,9 +53,12 @@ class Bench:
             self.reserved, self.calibration_report = make()
         return self
 
+    def test_loader(self, data: ImageSet) -> Loader:
+        """An evaluation loader over `data` (a test set or part of one)."""
+        return Loader(data, self.spec, eval_batch_size(self.device, self.eval_batch_size), device=self.device)
+
     def test_loaders(self) -> Tuple[Loader, Loader]:
-        return (Loader(self.clean_test, self.spec, self.eval_batch_size, device=self.device),
-                Loader(self.bd_test, self.spec, self.eval_batch_size, device=self.device))
+        return self.test_loader(self.clean_test), self.test_loader(self.bd_test)
 
     def evaluate(self, model: nn.Module, loaders: Optional[Tuple[Loader, Loader]] = None) -> Dict[str, float]:
         clean, backdoor = loaders or self.test_loaders()
@@ -132,7 +135,7 @@ def poisoned_only(bd_test: ImageSet) -> ImageSet:
 
 def bench_from_record(record, *, ratio: Optional[float] = 0.05, seed: int = 0, device: str = "auto",
                       index_file: Optional[str] = None, model: Optional[nn.Module] = None,
-                      data: str = "clean", eval_batch_size: int = 512, precision: Any = "fp32") -> Bench:
+                      data: str = "clean", eval_batch_size: Optional[int] = None, precision: Any = "fp32") -> Bench:
     """A Bench from a loaded AttackRecord: the reserved set is BackdoorBench's draw (`data="none"`: no
     reserved set); `model` replaces the record's (e.g. a checkpoint's weights)."""
     from .backdoorbench.records import model_from_record

@@ -26,7 +26,8 @@ PRESETS["paper"] restores the paper's λ 10 (and, through models.default_layers(
 Run settings (not the algorithm's): precision="auto" (d3_plugin.precision: bf16 autocast on a CPU with
 native bf16 or a bf16 GPU, fp16 + GradScaler on older GPUs, else fp32; weights stay fp32 and the
 distance and projection are computed in fp32), channels_last=None (precision's rule), eval_every=1
-(on_epoch after every N-th epoch and the last), eval_batch_size=512 (for callers' test loaders).
+(on_epoch after every N-th epoch and the last), eval_batch_size=None (for callers' test loaders; None = by device,
+evaluation.eval_batch_size).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class D3Config:
     precision: str = "auto"
     channels_last: Optional[bool] = None
     eval_every: int = 1
-    eval_batch_size: int = 512
+    eval_batch_size: Optional[int] = None
 
     def __post_init__(self):
         if self.hinge not in HINGES:
@@ -87,6 +88,8 @@ class D3Config:
         check_precision(self.precision)
         for option in ("eval_every", "eval_batch_size"):
             value = getattr(self, option)
+            if value is None and option == "eval_batch_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{option} must be a positive integer, got {value!r}; pass e.g. --{option} 1")
 

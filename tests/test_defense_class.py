@@ -365,7 +365,7 @@ def test_eval_options_defaults_and_one_line_errors(tmp_path):
     config = tmp_path / "d3.yaml"
     config.write_text("model: small_cnn\n")
     cfg = d3(parse(["--yaml_path", str(config)])).config
-    assert (cfg.eval_every, cfg.eval_batch_size, cfg.precision) == (1, 512, "auto")
+    assert (cfg.eval_every, cfg.eval_batch_size, cfg.precision) == (1, None, "auto")
     cfg = d3(parse(["--yaml_path", str(config), "--eval_every", "4", "--eval_batch_size", "1024"])).config
     assert (cfg.eval_every, cfg.eval_batch_size) == (4, 1024)
     for argv, option in ((["--precision", "fp8"], "--precision"), (["--eval_every", "0"], "--eval_every"),

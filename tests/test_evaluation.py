@@ -137,3 +137,10 @@ def test_evaluate_leaves_no_inference_tensors_in_a_model_it_converted():
     loss = model(torch.randn(2, 3, 16, 16)).sum()  # still trainable
     loss.backward()
     assert model.training and model[0].weight.grad is not None
+
+
+def test_eval_batch_size_follows_the_device_unless_given():
+    from d3_plugin.evaluation import eval_batch_size
+    assert eval_batch_size("cpu") == 64 and eval_batch_size(torch.device("cpu")) == 64
+    assert eval_batch_size("cuda") == 512 and eval_batch_size("cuda:1") == 512
+    assert eval_batch_size("cpu", 1024) == 1024 and eval_batch_size("cuda", 32) == 32

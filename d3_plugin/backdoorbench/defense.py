@@ -63,7 +63,7 @@ STANDARD = {
     "precision": (str, f"{' | '.join(PRECISIONS)} (default auto: bf16 on CPUs with native bf16 and bf16 GPUs, "
                        "fp16 on older GPUs, else fp32); beats --amp"),
     "eval_every": (int, "evaluate every N epochs and after the last (default 1: every epoch)"),
-    "eval_batch_size": (int, "batch size of test-set evaluation (default 512)"),
+    "eval_batch_size": (int, "batch size of test-set evaluation (default: 64 on a CPU, 512 on a GPU)"),
     "checkpoint_load": (str, "model checkpoint to purify instead of the record's model"),
     "checkpoint_save": (str, "folder for per-epoch checkpoints (default save_path/checkpoint)"),
     "log": (str, "folder for the log and index.txt (default save_path/log)"),
@@ -410,7 +410,7 @@ class BackdoorBenchDefense:
                                            channels_last=getattr(self.config, "channels_last", None))
         bench = bench_from_record(record, ratio=getattr(args, "ratio", None), seed=run["seed"], device=device,
                                   index_file=getattr(args, "index", None), model=model, data=entry.data,
-                                  eval_batch_size=run["eval_batch_size"] or 512, precision=self.precision)
+                                  eval_batch_size=run["eval_batch_size"], precision=self.precision)
         bench = self._auxiliary(bench, run["seed"])
         self.set_trainer(bench.model)
         index = [] if bench.reserved is None else bench.reserved.source_index.tolist()

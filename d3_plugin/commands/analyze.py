@@ -296,7 +296,6 @@ TSNE_COLUMNS = ("stage", "kind", "label", "x", "y")
 
 def run_tsne(args: argparse.Namespace) -> int:
     from ..analysis import embed_tsne, penultimate_features, sample_indices
-    from ..data import Loader
     import numpy as np
 
     if args.samples < 2:
@@ -309,7 +308,7 @@ def run_tsne(args: argparse.Namespace) -> int:
     bench, names, overrides, out = _prepare(args, "tsne")
     clean = bench.clean_test.subset(sample_indices(len(bench.clean_test), args.samples, args.seed))
     poisoned = bench.bd_test.subset(sample_indices(len(bench.bd_test), args.samples, args.seed))
-    loaders = [Loader(part, bench.spec, bench.eval_batch_size, device=bench.device) for part in (clean, poisoned)]
+    loaders = [bench.test_loader(part) for part in (clean, poisoned)]
     models = {"before": bench.model}
     for name in names:
         models[f"after {name}" if len(names) > 1 else "after"] = _defend(bench, name, args.epochs, overrides)[0]
