@@ -53,6 +53,7 @@ ATTACK_KEYS = {"record", "attack", "name", "from", "params", "epochs", "train_si
 DEFENSE_KEYS = {"name", "label", "set", "sweep"}
 FLATTEN = "sam-flatten"
 NO_DEFENSE = "no defense"
+RECORD_STAMP = "grid_record.json"  # in a trained record: the identity of the options that made it
 
 
 class GridError(ValueError):
@@ -70,6 +71,7 @@ class AttackJob:
     options: Mapping[str, Any] = field(default_factory=dict)
     source: Optional[str] = None  # sam-flatten: the folder of the grid record it flattens
     entry: str = ""               # the attack entry's name (shared by the records of its sweep)
+    identity: str = ""            # hash of what makes a trained record: its options and its source's identity
 
     @property
     def trained(self) -> bool:
@@ -88,6 +90,7 @@ class Cell:
     seed: int
     settings: Mapping[str, Any]  # epochs, ratio, device, data_root, reserved_source, calibrate, calibrate_set
     key: str = ""
+    record_identity: str = ""  # AttackJob.identity of a trained record: a retrained record gets new cells
 
     def path(self, out: Path) -> Path:
         return out / "cells" / self.record / self.label.replace(" ", "-") / f"seed{self.seed}-{self.key}"
@@ -165,7 +168,8 @@ def plan(raw: Mapping[str, Any], out: Path, base: Path = Path("."), records: Opt
         variant = {**settings, "ratio": ratio}
         _check_settings(variant)
         variants.append((variant, f"ratio={ratio}" if len(ratios) > 1 else ""))
-    cells = [_keyed(Cell(job.name, job.folder, _with(label, suffix), name, overrides, seed, variant))
+    cells = [_keyed(Cell(job.name, job.folder, _with(label, suffix), name, overrides, seed, variant,
+                         record_identity=job.identity))
              for job in attacks for variant, suffix in variants for label, name, overrides in defenses
              for seed in seeds]
     return Grid(out, seeds, attacks, cells)
@@ -268,8 +272,10 @@ def _one_attack(entry: dict, sweep, records: Path, base: Path, raw: Mapping,
             parts = [name] + ([origin.name] if len(sources) > 1 else [])
             parts += [suffix.replace("params.", "").replace("=", "").replace(",", "-")] if suffix else []
             job_name = "-".join(parts)
-            jobs.append(AttackJob(job_name, str(records / job_name), {"attack": attack, **chosen},
-                                  origin.folder if origin else None, name))
+            job_options = {"attack": attack, **chosen}
+            identity = registry.config_hash({"options": job_options, "from": origin.identity if origin else None})
+            jobs.append(AttackJob(job_name, str(records / job_name), job_options,
+                                  origin.folder if origin else None, name, identity))
     return jobs
 
 
@@ -315,6 +321,8 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
 def _keyed(cell: Cell) -> Cell:
     payload = {"record": cell.folder, "defense": cell.defense, "overrides": dict(cell.overrides),
                "seed": cell.seed, **{k: v for k, v in cell.settings.items() if k != "device"}}
+    if cell.record_identity:
+        payload["record_identity"] = cell.record_identity
     return Cell(**{**cell.__dict__, "key": registry.config_hash(payload)})
 
 
@@ -341,9 +349,15 @@ def attack_argv(job: AttackJob) -> List[str]:
 
 
 def run_attack_job(job: AttackJob, device: str = "auto", threads: Optional[int] = None) -> Dict[str, Any]:
-    """Train (or flatten) one record unless it is already complete; {name, seconds, error}."""
-    if not job.trained or (Path(job.folder) / "attack_info.json").is_file():
-        return {"name": job.name, "seconds": 0.0, "error": "", "skipped": True}
+    """Train (or flatten) one record unless it is complete and was made with the job's options (its
+    RECORD_STAMP); a record made with other options is moved aside first. {name, seconds, error, note}."""
+    folder, note = Path(job.folder), ""
+    if not job.trained or record_is_current(job):
+        return {"name": job.name, "seconds": 0.0, "error": "", "note": note, "skipped": True}
+    if folder.exists():
+        aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(aside)
+        note = f"made with other options than the grid's; moved to {aside} and made again"
     set_threads(threads)
     from .cli import main
 
@@ -354,7 +368,21 @@ def run_attack_job(job: AttackJob, device: str = "auto", threads: Optional[int] 
         error = "" if status == 0 else f"d3-plugin {' '.join(argv)} exited with status {status}"
     except Exception as failure:  # noqa: BLE001 - reported in the grid, never fatal to it
         error = f"{type(failure).__name__}: {one_line(failure)}"
-    return {"name": job.name, "seconds": time.perf_counter() - started, "error": error, "skipped": False}
+    if not error:
+        write_json(folder / RECORD_STAMP, {"identity": job.identity, "command": ["d3-plugin", *argv]})
+    return {"name": job.name, "seconds": time.perf_counter() - started, "error": error, "note": note,
+            "skipped": False}
+
+
+def record_is_current(job: AttackJob) -> bool:
+    """A complete record whose stamp names the job's identity (a record without a stamp is not current)."""
+    folder = Path(job.folder)
+    if not (folder / "attack_info.json").is_file():
+        return False
+    try:
+        return json.loads((folder / RECORD_STAMP).read_text()).get("identity") == job.identity
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def run_cell(cell: Cell, out: str, threads: Optional[int] = None) -> Dict[str, Any]:
@@ -409,8 +437,8 @@ def _publish(final: Path, result: Mapping[str, Any]) -> None:
 def no_defense_cells(grid: Grid) -> List[Cell]:
     """One seed-independent cell per record: the backdoored model's own ACC / ASR / RA (DER's reference)."""
     settings = grid.cells[0].settings if grid.cells else {"ratio": 0.05, "device": "auto"}
-    return [_keyed(Cell(job.name, job.folder, NO_DEFENSE, NO_DEFENSE, {}, 0, {**settings, "reserved_source": None,
-                                                                            "calibrate": None, "calibrate_set": None}))
+    plain = {**settings, "reserved_source": None, "calibrate": None, "calibrate_set": None}
+    return [_keyed(Cell(job.name, job.folder, NO_DEFENSE, NO_DEFENSE, {}, 0, plain, record_identity=job.identity))
             for job in grid.attacks]
 
 
@@ -480,6 +508,8 @@ def run_grid(grid: Grid, pool, *, echo: Callable[[str], None] = print, progress:
         calls = [(job, device) for job in stage if job.trained and job.name not in failed]
         for result in tqdm(pool.map(run_attack_job, calls), total=len(calls), desc="records",
                            disable=not progress or not calls):
+            if result["note"]:
+                echo(f"record {result['name']}: {result['note']}")
             if result["error"]:
                 failed[result["name"]] = result["error"]
                 echo(f"record {result['name']}: FAILED {result['error']}")

@@ -129,6 +129,30 @@ def test_a_tiny_grid_runs_then_skips_finished_cells_and_retries_failed_ones(made
     assert without_seconds(run_grid(tiny(made, out), LocalPool(1), progress=False)) == without_seconds(rows)
 
 
+def test_a_record_made_with_other_options_is_moved_aside_made_again_and_gets_new_cells(made, tmp_path):
+    _, data = made
+
+    def planned(epochs):
+        raw = {"seeds": [0], "device": "cpu", "data_root": str(data), "defenses": ["ft"],
+               "attacks": [{"attack": "badnets", "epochs": epochs, "train_size": 300, "seed": 0}]}
+        return plan(raw, tmp_path / "out")
+    one, two = planned(1), planned(2)
+    job, changed = one.attacks[0], two.attacks[0]
+    assert job.folder == changed.folder and job.identity != changed.identity
+    assert {c.key for c in one.cells}.isdisjoint(c.key for c in two.cells), "cells of a retrained record are new"
+    assert not grids.record_is_current(job)
+    assert run_attack_job(job, "cpu", threads=1)["note"] == "" and grids.record_is_current(job)
+    assert run_attack_job(job, "cpu")["skipped"]
+    result = run_attack_job(changed, "cpu", threads=1)
+    assert result["error"] == "" and "moved to" in result["note"]
+    aside = next(p for p in (tmp_path / "out" / "record").iterdir() if ".replaced-" in p.name)
+    read = lambda folder: json.loads((folder / "attack_info.json").read_text())["train"]["epochs"]  # noqa: E731
+    assert read(aside) == 1 and read(Path(changed.folder)) == 2
+    assert grids.record_is_current(changed) and not grids.record_is_current(job)
+    (Path(changed.folder) / grids.RECORD_STAMP).unlink()
+    assert not grids.record_is_current(changed), "a record without its stamp is made again"
+
+
 def test_a_killed_grid_resumes_without_redoing_finished_cells(made, tmp_path, monkeypatch):
     out, measured = tmp_path / "out", []
     real = grids._measure
