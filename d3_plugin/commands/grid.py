@@ -22,16 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..grid import LocalPool, RayPool, load_grids, run_grid
+    from ..grid import LocalPool, RayPool, load_grids, record_is_current, run_grid
 
     grids = load_grids(args.config, args.out)
     for grid in grids:
-        trained = [job for job in grid.attacks if job.trained]
-        print(f"grid {grid.out.name}: {len(grid.attacks)} records ({len(trained)} to train), {len(grid.cells)} cells "
+        to_make = [job for job in grid.attacks if job.trained and not record_is_current(job)]
+        print(f"grid {grid.out.name}: {len(grid.attacks)} records ({len(to_make)} to make), {len(grid.cells)} cells "
               f"({len({c.label for c in grid.cells})} defense settings × {len(grid.seeds)} seeds); out {grid.out}")
         if args.dry_run:
             for job in grid.attacks:
-                print(f"  record {job.name}: {'train ' + str(dict(job.options)) if job.trained else job.folder}")
+                state = "made" if record_is_current(job) else "to make"
+                print(f"  record {job.name}: {f'{state} {dict(job.options)}' if job.trained else job.folder}")
             for label in dict.fromkeys(c.label for c in grid.cells):
                 print(f"  defense {label}")
     if args.dry_run:
