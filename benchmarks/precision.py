@@ -1,20 +1,21 @@
 """fp32 vs bf16 (+ channels_last) throughput on PreAct-ResNet18, side by side in one run (not a test).
 
-    python benchmarks/precision.py                        # steps, evaluation at batch 32 and 512
+    python benchmarks/precision.py                        # steps, evaluation at batch 32, 64 and 512
     python benchmarks/precision.py --end-to-end           # also detoxify + per-epoch evaluate, fp32 vs auto
     python benchmarks/precision.py --data fashion_mnist   # Fashion-MNIST rendered as 32x32x3
 
 Measured, each on the same model and batches:
   train     one SGD step (forward, backward, step) at --train-batch (32): fit()'s train_epoch over
             pre-built batches (no augmentation cost);
-  eval@B    evaluate() over --eval-images test images at batch B (32 and 512), under inference_mode;
+  eval@B    evaluate() over --eval-images test images at batch B (32, 64 and 512), under inference_mode;
   e2e       (--end-to-end) detoxify with an on_epoch that evaluates the clean and poisoned test sets
             after every epoch: --reserved images, --epochs epochs, --test-images clean + as many
             "poisoned" images; fp32 as before the precision option (contiguous, evaluation at batch 32)
-            vs the defaults (precision auto, evaluation at batch 512).
+            vs the defaults (precision auto, evaluation at the device's batch size, BatchNorm folded).
 Variants: fp32 = precision fp32 in the plain (contiguous) memory format, the code before the precision
 option; fp32+cl = fp32 in channels_last; bf16+cl = bf16 autocast in channels_last (auto on this CPU
-when it has native bf16). Each round runs every variant once, in an order that alternates between
+when it has native bf16); a `+fold` variant evaluates with the BatchNorms folded into the convolutions
+(evaluate's default; the others evaluate unfolded, as before it; training ignores it). Each round runs every variant once, in an order that alternates between
 rounds (A B C, C B A, ...), and reports the median over rounds of time(fp32) / time(variant): robust to
 the load of a shared machine drifting.
 """
@@ -28,7 +29,7 @@ import torch
 
 from d3_plugin.d3 import D3Config, detoxify
 from d3_plugin.data import DatasetSpec, ImageSet, Loader
-from d3_plugin.evaluation import evaluate
+from d3_plugin.evaluation import eval_batch_size, evaluate
 from d3_plugin.models import build_model, default_layers
 from d3_plugin.precision import Precision, cpu_has_native_bf16, resolve_precision
 from d3_plugin.training import cross_entropy, resolve_device, sgd, train_epoch
@@ -46,16 +47,17 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=4, help="steps per timed training measurement")
-    parser.add_argument("--eval-batches", default="32,512")
+    parser.add_argument("--eval-batches", default="32,64,512")
     parser.add_argument("--eval-images", type=int, default=1024)
-    parser.add_argument("--variants", default="fp32,fp32+cl,bf16+cl")
+    parser.add_argument("--variants", default="fp32,fp32+cl,bf16+cl,bf16+cl+fold")
     parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument("--e2e-only", action="store_true", help="skip the step/evaluation measurements")
     parser.add_argument("--reserved", type=int, default=250)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--e2e-rounds", type=int, default=2)
-    parser.add_argument("--e2e-eval-batch", type=int, default=512, help="eval batch of the auto run")
+    parser.add_argument("--e2e-eval-batch", type=int, default=None,
+                        help="eval batch of the auto run (default: the device's, evaluation.eval_batch_size)")
     return parser.parse_args(argv)
 
 
@@ -72,8 +74,8 @@ def images(kind: str, n: int, seed: int = 0) -> ImageSet:
 
 
 def variant(name: str, device) -> Precision:
-    precision, _, layout = name.partition("+")
-    return Precision(precision, device.type, layout == "cl")
+    precision, *options = name.split("+")
+    return Precision(precision, device.type, "cl" in options)
 
 
 def timed(fn, device, cpu_seconds=None) -> float:
@@ -126,7 +128,7 @@ def micro(args, device):
             return timed(lambda: train_epoch(model, train_batches, optimizer, cross_entropy(), precision=mode),
                          device)
 
-    times = interleaved(train, names, args.rounds)
+    times = interleaved(train, [n for n in names if "fold" not in n.split("+")], args.rounds)
     report(f"training step, batch {args.train_batch} ({args.train_steps} steps per round)", times,
            args.train_batch * args.train_steps, "img")
 
@@ -137,8 +139,9 @@ def micro(args, device):
 
         def evaluation(name):
             mode = variant(name, device)
-            evaluate(model, warm, precision=mode)
-            return timed(lambda: evaluate(model, loader, precision=mode), device)
+            fold = "fold" in name.split("+")
+            evaluate(model, warm, precision=mode, fold=fold)
+            return timed(lambda: evaluate(model, loader, precision=mode, fold=fold), device)
 
         report(f"evaluation, batch {batch} ({args.eval_images} images per round)",
                interleaved(evaluation, names, args.rounds), args.eval_images, "img")
@@ -154,18 +157,19 @@ def end_to_end(args, device):
     poisoned = ImageSet(poisoned.images, torch.zeros(len(poisoned), dtype=torch.long), poisoned.labels,
                         torch.ones(len(poisoned), dtype=torch.bool))
     # fp32: the code before the precision option (contiguous fp32, evaluation at the training batch size,
-    # as the adapter did); auto: the defaults (bf16 + channels_last here, evaluation at --e2e-eval-batch)
+    # unfolded, as the adapter did); auto: the defaults (bf16 + channels_last here, evaluation at
+    # --e2e-eval-batch or the device's, BatchNorm folded)
     runs = {"fp32": dict(precision="fp32", channels_last=False, eval_batch_size=32),
             "auto": dict(precision="auto", eval_batch_size=args.e2e_eval_batch)}
     cpu = {name: [] for name in runs}
 
     def run(name):
         config = D3Config(epochs=args.epochs, batch_size=32, layers=default_layers("preactresnet18"), **runs[name])
-        eval_batch = config.eval_batch_size
+        eval_batch = eval_batch_size(device, config.eval_batch_size)
         mode = resolve_precision(config.precision, device, model=model, channels_last=config.channels_last)
-        tests = [Loader(d, SPEC, config.eval_batch_size, device=device) for d in (clean, poisoned)]
+        tests = [Loader(d, SPEC, eval_batch, device=device) for d in (clean, poisoned)]
         batches = Loader(reserved, SPEC, config.batch_size, train=True, device=device, seed=0)
-        on_epoch = (lambda epoch, m: evaluate(m, *tests, precision=mode))
+        on_epoch = (lambda epoch, m: evaluate(m, *tests, precision=mode, fold=name != "fp32"))
         seconds = timed(lambda: detoxify(model, batches, config, on_epoch=on_epoch), device, cpu[name])
         print(f"  e2e {name} ({mode.name}{'+cl' if mode.channels_last else ''}, eval batch {eval_batch}): "
               f"{seconds:.1f} s wall, {cpu[name][-1]:.1f} s CPU", flush=True)

@@ -35,8 +35,24 @@ def _predict(model: torch.nn.Module, batches: Iterable, mode: Precision):
     return torch.cat(predictions), loss
 
 
+def folded(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of an eval-mode `model` with each Conv2d→BatchNorm2d pair folded into one conv (torch.fx's
+    `fuse`): the same function with fewer passes over memory, ≈ 8 % faster evaluation on this project's CPU
+    (benchmarks/precision.py). `model` itself when it has no BatchNorm2d, carries forward hooks (tracing would
+    drop them: BadActs' clipping is one) or cannot be traced."""
+    modules = list(model.modules())
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in modules) or \
+            any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        return model
+    from torch.fx.experimental.optimization import fuse
+    try:
+        return fuse(model)
+    except Exception:  # noqa: BLE001 - a model torch.fx cannot trace is evaluated as it is
+        return model
+
+
 def evaluate(model: torch.nn.Module, clean_test=None, backdoor_test=None, *,
-             precision: str | Precision | None = None) -> Dict[str, float]:
+             precision: str | Precision | None = None, fold: bool = True) -> Dict[str, float]:
     """Evaluate on a clean test loader and/or a poisoned test loader.
 
     The poisoned loader's labels are the backdoor labels and its `data.original_labels` the true
@@ -44,18 +60,20 @@ def evaluate(model: torch.nn.Module, clean_test=None, backdoor_test=None, *,
     Returns fractions in [0, 1]: `acc`, `asr`, `ra`, and mean per-batch losses `clean_loss`, `bd_loss`.
     Runs under torch.inference_mode; `precision` (auto | bf16 | fp16 | fp32, `d3_plugin.precision`;
     None = plain fp32) sets autocast and channels_last. The loaders' batch size is the evaluation's.
+    `fold`: evaluate a copy with its BatchNorms folded into the convolutions (`folded`); `model` is untouched.
     """
     mode = resolve_precision(precision, model_device(model), model=model)
     was_training = model.training
     model.eval()
     results: Dict[str, float] = {}
     try:
-        with mode.formatted(model), torch.inference_mode():  # convert outside inference mode
+        runner = folded(model) if fold else model
+        with mode.formatted(runner), torch.inference_mode():  # convert outside inference mode
             if clean_test is not None:
-                predictions, results["clean_loss"] = _predict(model, clean_test, mode)
+                predictions, results["clean_loss"] = _predict(runner, clean_test, mode)
                 results["acc"] = _accuracy(predictions, clean_test.data.labels)
             if backdoor_test is not None:
-                predictions, results["bd_loss"] = _predict(model, backdoor_test, mode)
+                predictions, results["bd_loss"] = _predict(runner, backdoor_test, mode)
                 results["asr"] = _accuracy(predictions, backdoor_test.data.labels)
                 results["ra"] = _accuracy(predictions, backdoor_test.data.original_labels)
     finally:

@@ -144,3 +144,29 @@ def test_eval_batch_size_follows_the_device_unless_given():
     assert eval_batch_size("cpu") == 64 and eval_batch_size(torch.device("cpu")) == 64
     assert eval_batch_size("cuda") == 512 and eval_batch_size("cuda:1") == 512
     assert eval_batch_size("cpu", 1024) == 1024 and eval_batch_size("cuda", 32) == 32
+
+
+def test_folding_batchnorm_keeps_the_function_and_leaves_the_model_alone():
+    from d3_plugin.evaluation import folded
+    from d3_plugin.models import build_model
+    torch.manual_seed(0)
+    model = build_model("preactresnet18", 10, 3, 32).eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = torch.randn(8, 3, 32, 32)
+    fast = folded(model)
+    assert fast is not model and sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) < \
+        sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(fast(inputs), model(inputs), atol=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_model_with_forward_hooks_is_evaluated_unfolded():
+    from d3_plugin.evaluation import folded
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    handle = model[2].register_forward_hook(lambda _m, _i, out: out.clamp(max=0.1))  # e.g. BadActs' clipping
+    assert folded(model) is model
+    handle.remove()
+    assert folded(model) is not model
