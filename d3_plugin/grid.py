@@ -526,6 +526,15 @@ def run_grid(grid: Grid, pool, *, echo: Callable[[str], None] = print, progress:
     return rows
 
 
+def finished_rows(grid: Grid) -> Tuple[List[Dict[str, Any]], int]:
+    """The run rows of the cells already finished (plan order), and how many cells are not: a table of a grid
+    that is still running, or was stopped, without running anything."""
+    cells = no_defense_cells(grid) + grid.cells
+    done = [cell.path(grid.out) / "result.json" for cell in cells]
+    results = [json.loads(path.read_text()) for path in done if path.is_file()]
+    return table_rows(results), len(cells) - len(results)
+
+
 def _record_failure(cell: Cell, error: str) -> Dict[str, Any]:
     return {**_cell_identity(cell), "error": f"record not made: {error}"}
 

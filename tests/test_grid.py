@@ -31,12 +31,15 @@ def made(tmp_path_factory):
     return root, data
 
 
-def tiny(made, out: Path, **extra) -> grids.Grid:
+def tiny_raw(made, **extra) -> dict:
     root, data = made
-    raw = {"seeds": [0, 1], "epochs": 1, "ratio": 0.1, "device": "cpu", "data_root": str(data),
-           "attacks": [{"record": str(root / "record" / "badnets")}],
-           "defenses": ["ft", {"name": "d3", "set": {"batch_size": 32}}], **extra}
-    return plan(raw, out)
+    return {"seeds": [0, 1], "epochs": 1, "ratio": 0.1, "device": "cpu", "data_root": str(data),
+            "attacks": [{"record": str(root / "record" / "badnets")}],
+            "defenses": ["ft", {"name": "d3", "set": {"batch_size": 32}}], **extra}
+
+
+def tiny(made, out: Path, **extra) -> grids.Grid:
+    return plan(tiny_raw(made, **extra), out)
 
 
 def without_seconds(rows):
@@ -166,6 +169,11 @@ def test_a_killed_grid_resumes_without_redoing_finished_cells(made, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         run_grid(tiny(made, out), LocalPool(1), progress=False)
     assert len(cell_folders(out)) == 2 and not (out / "grid.md").exists()
+    finished, pending = grids.finished_rows(tiny(made, out))
+    assert [(r["defense"], r["seed"]) for r in finished] == [("no defense", None), ("ft", 0)] and pending == 3
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_raw(made, out=str(out))))
+    assert main(["grid", str(tmp_path / "tiny.yaml"), "--table-only"]) == 0
+    assert "| badnets | ft | " in (out / "grid.md").read_text() and len(cell_folders(out)) == 2, "ran nothing"
     measured.clear()
     monkeypatch.setattr(grids, "_measure", lambda cell: measured.append(cell.label) or real(cell))
     rows = run_grid(tiny(made, out), LocalPool(1), progress=False)

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-task", type=float, default=1, help="ray: CPUs each task declares (default 1)")
     parser.add_argument("--gpus-per-task", type=float, default=0, help="ray: GPUs each task declares (default 0)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (records and cells) and stop")
+    parser.add_argument("--table-only", action="store_true",
+                        help="write the tables from the cells already finished and stop (runs nothing)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  defense {label}")
     if args.dry_run:
         return 0
+    if args.table_only:
+        return write_finished_tables(grids)
     pool = (RayPool(args.address, args.cpus_per_task, args.gpus_per_task) if args.executor == "ray"
             else LocalPool(args.workers))
     failed = False
@@ -45,3 +49,17 @@ def run(args: argparse.Namespace) -> int:
         print((grid.out / "grid.md").read_text())
         failed = failed or any(row["error"] for row in rows)
     return 1 if failed else 0
+
+
+def write_finished_tables(grids) -> int:
+    from ..grid import finished_rows, write_grid_outputs
+
+    for grid in grids:
+        rows, pending = finished_rows(grid)
+        if not rows:
+            print(f"grid {grid.out.name}: no cell finished yet, no table written")
+            continue
+        write_grid_outputs(rows, grid.out)
+        print(f"grid {grid.out.name}: {len(rows)} cells finished, {pending} not (yet); tables in {grid.out}")
+        print((grid.out / "grid.md").read_text())
+    return 0
