@@ -1,0 +1,140 @@
+"""The reproduction grid's tables in the paper's shapes, beside the paper's own numbers (docs/reproduction.md).
+
+    .venv/bin/d3-plugin grid benchmarks/grids/reproduction.yaml --out /work/repro --workers 2
+    .venv/bin/d3-plugin grid benchmarks/grids/reproduction.yaml --out /work/repro --table-only   # while it runs
+    .venv/bin/python benchmarks/reproduction_table.py /work/repro > tables.md
+
+Reads `<out>/<grid>/grid.json` of each grid of benchmarks/grids/reproduction.yaml and benchmarks/paper_numbers.csv.
+Our cells are mean ± sample std over the seeds that finished (n in the grid's own grid.md); the paper's are one
+number each (CIFAR-10, PreAct-ResNet18).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from pathlib import Path
+
+PAPER = Path(__file__).with_name("paper_numbers.csv")
+ATTACKS = ["badnets", "blended", "sig", "wanet", "lf", "input-aware"]
+NO_DEFENSE = "no defense"
+
+
+def paper_numbers() -> dict:
+    lines = [line for line in PAPER.read_text().splitlines() if not line.startswith("#")]
+    return {(r["table"], r["attack"], r["defense"]): r for r in csv.DictReader(lines)}
+
+
+def grid_rows(out: Path, name: str) -> list:
+    path = out / name / "grid.json"
+    return json.loads(path.read_text())["aggregate"] if path.is_file() else []
+
+
+def pct(row, metric: str, std: bool = True) -> str:
+    if not row or row.get(metric) is None:
+        return "–"
+    text = f"{100 * row[metric]:.1f}"
+    if std and row.get(f"{metric}_std") is not None:
+        text += f" ± {100 * row[metric + '_std']:.1f}"
+    return text
+
+
+def acc_asr(row, std: bool = False) -> str:
+    return "–" if not row else f"{pct(row, 'acc', std)} / {pct(row, 'asr', std)}"
+
+
+def paper_cell(paper: dict, table: str, attack: str, defense: str, der: bool = False) -> str:
+    row = paper.get((table, attack, defense))
+    if not row:
+        return "–"
+    return f"{row['acc']} / {row['asr']}" + (f" / {row['der']}" if der and row["der"] else "")
+
+
+def find(rows, record: str, defense: str):
+    return next((r for r in rows if r["record"] == record and r["defense"] == defense), None)
+
+
+def table(header: list, lines: list) -> str:
+    rule = "|" + "---|" * len(header)
+    return "\n".join(["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def average(rows, defense: str, metric: str):
+    values = [r[metric] for r in rows if r["defense"] == defense and r["record"] in ATTACKS and r.get(metric) is not None]
+    return statistics.fmean(values) if len(values) == len(ATTACKS) else None
+
+
+def table1(rows, paper) -> str:
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    lines = []
+    for defense in defenses:
+        cells = [acc_asr(find(rows, attack, defense)) for attack in ATTACKS]
+        means = [average(rows, defense, m) for m in ("acc", "asr", "der")]
+        mean = " / ".join("–" if v is None else f"{100 * v:.1f}" for v in means)
+        lines.append([defense, *cells, mean, paper_cell(paper, "1", "average", defense, der=True)])
+    header = ["defense", *ATTACKS, "ours: average ACC / ASR / DER", "paper: average ACC / ASR / DER"]
+    return table(header, lines)
+
+
+def beside_paper(rows, paper, table_name: str, records: list, defenses: list) -> str:
+    lines = []
+    for record in records:
+        for defense in defenses:
+            ours = find(rows, record, defense)
+            if ours is None:
+                continue
+            der = "–" if defense == NO_DEFENSE else pct(ours, "der")
+            lines.append([record, defense, pct(ours, "acc"), pct(ours, "asr"), der,
+                          paper_cell(paper, table_name, record.replace("-preact", ""), defense, der=True)])
+    return table(["record", "defense", "ACC %", "ASR %", "DER %", "paper ACC / ASR / DER"], lines)
+
+
+def matrix(rows, records: list, defenses: list, paper=None, table_name: str = "") -> str:
+    lines = []
+    for record in records:
+        cells = [acc_asr(find(rows, record, d), std=True) for d in defenses]
+        extra = [paper_cell(paper, table_name, record, d) for d in defenses] if paper else []
+        lines.append([record, *cells, *extra])
+    header = ["record", *defenses] + ([f"paper {d}" for d in defenses] if paper else [])
+    return table(header, lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="the grid's output folder (`--out` of d3-plugin grid)")
+    out = parser.parse_args().out
+    paper = paper_numbers()
+    parts = []
+    rows = grid_rows(out, "table1")
+    if rows:
+        parts += ["## Table 1, small CNN: ACC / ASR % (means over seeds)", table1(rows, paper),
+                  "## Table 1, small CNN, beside the paper's per-attack numbers",
+                  beside_paper(rows, paper, "1", ATTACKS, [NO_DEFENSE, "ft", "ft-sam", "sau", "d3"])]
+    rows = grid_rows(out, "table1_preact")
+    if rows:
+        records = list(dict.fromkeys(r["record"] for r in rows))
+        parts += ["## Table 1, PreAct-ResNet18", beside_paper(rows, paper, "1", records,
+                                                              [NO_DEFENSE, "ft", "ft-sam", "fst", "d3"])]
+    rows = grid_rows(out, "table5")
+    if rows:
+        records = list(dict.fromkeys(r["record"] for r in rows))
+        parts += ["## Table 5: SAM-flattened backdoors, ACC / ASR %", matrix(rows, records, ["ft", "ft-sam", "d3"],
+                                                                            paper, "5")]
+    rows = grid_rows(out, "table6_7")
+    if rows:
+        settings = [d for d in dict.fromkeys(r["defense"] for r in rows) if d != NO_DEFENSE]
+        parts += ["## Tables 6 and 7: D3's ε and λ, ACC / ASR %",
+                  table(["setting", "badnets", "blended"],
+                        [[s, *(acc_asr(find(rows, a, s), std=True) for a in ("badnets", "blended"))] for s in settings])]
+    rows = grid_rows(out, "table3")
+    if rows:
+        settings = [d for d in dict.fromkeys(r["defense"] for r in rows) if d != NO_DEFENSE]
+        parts += ["## Table 3: the reserved fraction, ACC / ASR %",
+                  table(["defense[ratio]", "badnets", "blended"],
+                        [[s, *(acc_asr(find(rows, a, s), std=True) for a in ("badnets", "blended"))] for s in settings])]
+    print("\n\n".join(parts) if parts else f"no grid table under {out} yet (d3-plugin grid … --table-only)")
+
+
+if __name__ == "__main__":
+    main()
