@@ -100,6 +100,13 @@ def matrix(rows, records: list, defenses: list, paper=None, table_name: str = ""
     return table(header, lines)
 
 
+def settings_table(rows) -> str:
+    """One row per defense setting (a sweep's labels), one column per attack."""
+    settings = [d for d in dict.fromkeys(r["defense"] for r in rows) if d != NO_DEFENSE]
+    return table(["setting", "badnets", "blended"],
+                 [[s, *(acc_asr(find(rows, a, s), std=True) for a in ("badnets", "blended"))] for s in settings])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the grid's output folder (`--out` of d3-plugin grid)")
@@ -121,18 +128,10 @@ def main() -> None:
         records = list(dict.fromkeys(r["record"] for r in rows))
         parts += ["## Table 5: SAM-flattened backdoors, ACC / ASR %", matrix(rows, records, ["ft", "ft-sam", "d3"],
                                                                             paper, "5")]
-    rows = grid_rows(out, "table6_7")
-    if rows:
-        settings = [d for d in dict.fromkeys(r["defense"] for r in rows) if d != NO_DEFENSE]
-        parts += ["## Tables 6 and 7: D3's ε and λ, ACC / ASR %",
-                  table(["setting", "badnets", "blended"],
-                        [[s, *(acc_asr(find(rows, a, s), std=True) for a in ("badnets", "blended"))] for s in settings])]
-    rows = grid_rows(out, "table3")
-    if rows:
-        settings = [d for d in dict.fromkeys(r["defense"] for r in rows) if d != NO_DEFENSE]
-        parts += ["## Table 3: the reserved fraction, ACC / ASR %",
-                  table(["defense[ratio]", "badnets", "blended"],
-                        [[s, *(acc_asr(find(rows, a, s), std=True) for a in ("badnets", "blended"))] for s in settings])]
+    for name, title in (("table6_7", "Tables 6 and 7: D3's ε and λ"), ("table3", "Table 3: the reserved fraction")):
+        rows = grid_rows(out, name)
+        if rows:
+            parts += [f"## {title}, ACC / ASR %", settings_table(rows)]
     print("\n\n".join(parts) if parts else f"no grid table under {out} yet (d3-plugin grid … --table-only)")
 
 
