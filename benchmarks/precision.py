@@ -15,9 +15,9 @@ Measured, each on the same model and batches:
 Variants: fp32 = precision fp32 in the plain (contiguous) memory format, the code before the precision
 option; fp32+cl = fp32 in channels_last; bf16+cl = bf16 autocast in channels_last (auto on this CPU
 when it has native bf16); a `+fold` variant evaluates with the BatchNorms folded into the convolutions
-(evaluate's default; the others evaluate unfolded, as before it; training ignores it). Each round runs every variant once, in an order that alternates between
-rounds (A B C, C B A, ...), and reports the median over rounds of time(fp32) / time(variant): robust to
-the load of a shared machine drifting.
+(evaluate's default; the others evaluate unfolded, as before it; training ignores it). Each round runs
+every variant once, in an order that alternates between rounds (A B C, C B A, ...), and reports the
+median over rounds of time(fp32) / time(variant): robust to the load of a shared machine drifting.
 """
 from __future__ import annotations
 

@@ -61,7 +61,8 @@ def table(header: list, lines: list) -> str:
 
 
 def average(rows, defense: str, metric: str):
-    values = [r[metric] for r in rows if r["defense"] == defense and r["record"] in ATTACKS and r.get(metric) is not None]
+    values = [r[metric] for r in rows
+              if r["defense"] == defense and r["record"] in ATTACKS and r.get(metric) is not None]
     return statistics.fmean(values) if len(values) == len(ATTACKS) else None
 
 

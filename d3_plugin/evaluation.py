@@ -37,9 +37,10 @@ def _predict(model: torch.nn.Module, batches: Iterable, mode: Precision):
 
 def folded(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of an eval-mode `model` with each Conv2d→BatchNorm2d pair folded into one conv (torch.fx's
-    `fuse`): the same function with fewer passes over memory; at batch 64 on this project's CPU, 373 against
-    368 img/s with the fold (≈ 0.1 s, a copy per call) included (benchmarks/precision.py). `model` itself when it has no BatchNorm2d, carries forward hooks (tracing would
-    drop them: BadActs' clipping is one) or cannot be traced."""
+    `fuse`): the same function with fewer passes over memory. At batch 64 on this project's CPU, 373 against
+    368 img/s, the fold itself (≈ 0.1 s, a copy per call) included (benchmarks/precision.py).
+    Returns `model` itself when it has no BatchNorm2d, carries forward hooks (tracing would drop them:
+    BadActs' clipping is one) or cannot be traced."""
     modules = list(model.modules())
     if not any(isinstance(m, torch.nn.BatchNorm2d) for m in modules) or \
             any(m._forward_hooks or m._forward_pre_hooks for m in modules):
