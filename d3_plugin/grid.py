@@ -104,13 +104,17 @@ class Grid:
     cells: List[Cell]
 
 
-def load_grids(path: str | os.PathLike, out: Optional[str] = None) -> List[Grid]:
+def load_grids(path: str | os.PathLike, out: Optional[str] = None,
+               only: Optional[Sequence[str]] = None) -> List[Grid]:
     """Read and check a grid file: one grid, or several under `grids: {NAME: {...}}` that inherit every
     top-level key, share `<out>/record/` (a record named alike in two grids is trained once and must be
-    described alike) and write their tables to `<out>/<NAME>/`. Every problem is a one-line GridError."""
+    described alike) and write their tables to `<out>/<NAME>/`. `only` keeps the named grids (the whole
+    file is still checked). Every problem is a one-line GridError."""
     raw, path = _read(path)
     root = Path(out or raw.get("out") or path.with_suffix(""))
     if "grids" not in raw:
+        if only:
+            raise GridError(f"{path} holds one grid without a name; drop --grid")
         return [plan(raw, root, base=path.parent)]
     subgrids = raw["grids"]
     if not isinstance(subgrids, Mapping) or not subgrids:
@@ -119,7 +123,10 @@ def load_grids(path: str | os.PathLike, out: Optional[str] = None) -> List[Grid]
     grids = [plan({**shared, **dict(sub or {})}, root / str(name), base=path.parent, records=root / "record")
              for name, sub in subgrids.items()]
     _same_records(grids)
-    return grids
+    unknown = [name for name in only or () if name not in map(str, subgrids)]
+    if unknown:
+        raise GridError(f"no grid named {unknown[0]} in {path}; it holds: {', '.join(map(str, subgrids))}")
+    return [g for g in grids if not only or g.out.name in only]
 
 
 def _same_records(grids: Sequence["Grid"]) -> None:

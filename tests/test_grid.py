@@ -100,6 +100,13 @@ def test_bad_grid_files_are_one_line_errors_with_status_2(tmp_path, capsys, raw,
     assert not (tmp_path / "g").exists()
 
 
+def test_grid_names_a_grid_only_in_a_file_of_several(tmp_path, capsys):
+    config = tmp_path / "g.yaml"
+    config.write_text(yaml.safe_dump({"attacks": [{"attack": "badnets"}], "defenses": ["ft"]}))
+    assert main(["grid", str(config), "--grid", "table1", "--dry-run"]) == 2
+    assert "holds one grid without a name; drop --grid" in capsys.readouterr().err
+
+
 def test_a_tiny_grid_runs_then_skips_finished_cells_and_retries_failed_ones(made, tmp_path, monkeypatch):
     out = tmp_path / "out"
     rows = run_grid(tiny(made, out), LocalPool(1), progress=False)
@@ -212,6 +219,9 @@ def test_several_grids_in_one_file_share_their_records(tmp_path):
     assert (len(table1.cells), len(table5.cells)) == (4, 3) and table1.cells[0].settings["epochs"] == 3
     with pytest.raises(GridError, match="holds 2 grids"):
         load_grid(tmp_path / "r.yaml")
+    assert [g.out.name for g in grids.load_grids(tmp_path / "r.yaml", only=["table5"])] == ["table5"]
+    with pytest.raises(GridError, match="no grid named table9 in .*; it holds: table1, table5"):
+        grids.load_grids(tmp_path / "r.yaml", only=["table9"])
     raw["grids"]["table5"]["attacks"][0]["epochs"] = 5
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(GridError, match="record badnets is described differently in two grids"):

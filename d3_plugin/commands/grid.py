@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="ray: cluster address, e.g. auto (default: start a local Ray)")
     parser.add_argument("--cpus-per-task", type=float, default=1, help="ray: CPUs each task declares (default 1)")
     parser.add_argument("--gpus-per-task", type=float, default=0, help="ray: GPUs each task declares (default 0)")
+    parser.add_argument("--grid", action="append", dest="only", metavar="NAME",
+                        help="of a file with several grids, run (or plan, or tabulate) only this one; repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (records and cells) and stop")
     parser.add_argument("--table-only", action="store_true",
                         help="write the tables from the cells already finished and stop (runs nothing)")
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..grid import LocalPool, RayPool, load_grids, record_is_current, run_grid
 
-    grids = load_grids(args.config, args.out)
+    grids = load_grids(args.config, args.out, args.only)
     for grid in grids:
         to_make = [job for job in grid.attacks if job.trained and not record_is_current(job)]
         print(f"grid {grid.out.name}: {len(grid.attacks)} records ({len(to_make)} to make), {len(grid.cells)} cells "
