@@ -470,10 +470,24 @@ class LocalPool:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(function, *args, threads=self.threads) for args in calls]
             for future in as_completed(futures):
                 yield future.result()
+
+
+def exit_with_parent(parent: int) -> None:
+    """A worker's initializer: end this process once its driver is gone (a killed `grid` leaves no worker
+    running on; the cell it was computing is simply not published)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class RayPool:

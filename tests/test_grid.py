@@ -3,7 +3,13 @@ the same tiny grid on a two-process pool and on a local Ray instance."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +232,43 @@ def test_several_grids_in_one_file_share_their_records(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(GridError, match="record badnets is described differently in two grids"):
         grids.load_grids(tmp_path / "r.yaml")
+
+
+def test_local_workers_end_when_their_driver_is_killed(tmp_path):
+    (tmp_path / "holder.py").write_text(textwrap.dedent("""
+        import os, sys, time
+        from pathlib import Path
+
+        def hold(name, threads=None):
+            Path(sys.argv[1], name).write_text(str(os.getpid()))
+            time.sleep(120)
+
+        if __name__ == "__main__":
+            from d3_plugin.grid import LocalPool
+            list(LocalPool(2).map(hold, [("a",), ("b",)]))
+    """))
+    driver = subprocess.Popen([sys.executable, str(tmp_path / "holder.py"), str(tmp_path)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / n).is_file() and (tmp_path / n).read_text() for n in "ab"):
+            assert time.monotonic() < deadline and driver.poll() is None, "the workers never started"
+            time.sleep(0.2)
+        workers = [int((tmp_path / n).read_text()) for n in "ab"]
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers), "a worker ran on after its driver was killed"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # an exited child of init may linger as a zombie for a moment
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:  # no /proc here, or it just went: the next look decides
+        return True
