@@ -299,7 +299,8 @@ def _defense_settings(entries, sweep) -> List[Tuple[str, str, Dict[str, Any]]]:
         own = entry.get("sweep") or {}
         if not isinstance(own, Mapping) or not all(isinstance(v, list) and v for v in own.values()):
             raise GridError(f"defense {name}: sweep must map PARAM to a list of values, e.g. {{lam: [1, 10]}}")
-        for overrides, suffix in _product(dict(entry.get("set") or {}), {**sweep.get(name, {}), **own}):
+        fixed = {param: [value] for param, value in dict(entry.get("set") or {}).items()}  # a list value stays one
+        for overrides, suffix in _product(fixed, {**sweep.get(name, {}), **own}):
             try:
                 registry.build(name, **overrides)
             except (TypeError, ValueError) as error:

@@ -80,6 +80,10 @@ def test_plan_expands_sweeps_into_records_labels_and_stable_keys(tmp_path):
     assert sorted({(c.label, c.settings["ratio"]) for c in ratios.cells}) == [
         ("d3[lam=1,ratio=0.01]", 0.01), ("d3[lam=1,ratio=0.1]", 0.1), ("d3[lam=10,ratio=0.01]", 0.01),
         ("d3[lam=10,ratio=0.1]", 0.1), ("ft[ratio=0.01]", 0.01), ("ft[ratio=0.1]", 0.1)]
+    listed = plan({**raw, "attacks": [{"record": "rec"}], "sweep": {},
+                   "defenses": [{"name": "d3", "label": "d3-paper", "set": {"lam": 10, "layers": ["fc", "linear"]}}]},
+                  tmp_path / "s", base=tmp_path)
+    assert {(c.label, tuple(c.overrides["layers"])) for c in listed.cells} == {("d3-paper", ("fc", "linear"))}
 
 
 @pytest.mark.parametrize("raw, message", [
