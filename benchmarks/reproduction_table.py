@@ -45,7 +45,7 @@ def acc_asr(row, std: bool = False) -> str:
 
 
 def paper_cell(paper: dict, table: str, attack: str, defense: str, der: bool = False) -> str:
-    row = paper.get((table, attack, defense))
+    row = paper.get((table, attack, defense.replace("-paper", "")))  # d3-paper: D3 at the paper's setting
     if not row:
         return "–"
     return f"{row['acc']} / {row['asr']}" + (f" / {row['der']}" if der and row["der"] else "")
@@ -101,6 +101,19 @@ def matrix(rows, records: list, defenses: list, paper=None, table_name: str = ""
     return table(header, lines)
 
 
+def budgets(short_rows, long_rows, paper) -> str:
+    """The same cells at Table 1's 20 epochs and at the paper's 100, beside the paper."""
+    lines = []
+    for record in ATTACKS:
+        for defense in dict.fromkeys(r["defense"] for r in long_rows if r["defense"] != NO_DEFENSE):
+            long = find(long_rows, record, defense)
+            if long is not None:
+                lines.append([record, defense, acc_asr(find(short_rows, record, defense), std=True),
+                              acc_asr(long, std=True), paper_cell(paper, "1", record, defense)])
+    return table(["record", "defense", "20 epochs: ACC / ASR %", "100 epochs: ACC / ASR %", "paper ACC / ASR"],
+                 lines)
+
+
 def settings_table(rows) -> str:
     """One row per defense setting (a sweep's labels), one column per attack."""
     settings = [d for d in dict.fromkeys(r["defense"] for r in rows) if d != NO_DEFENSE]
@@ -118,7 +131,10 @@ def main() -> None:
     if rows:
         parts += ["## Table 1, small CNN: ACC / ASR % (means over seeds)", table1(rows, paper),
                   "## Table 1, small CNN, beside the paper's per-attack numbers",
-                  beside_paper(rows, paper, "1", ATTACKS, [NO_DEFENSE, "ft", "ft-sam", "sau", "d3"])]
+                  beside_paper(rows, paper, "1", ATTACKS, [NO_DEFENSE, "ft", "ft-sam", "sau", "d3", "d3-paper"])]
+    long_rows = grid_rows(out, "budget") + grid_rows(out, "budget_sau")
+    if long_rows:
+        parts += ["## The budget: 20 epochs (Table 1) against the paper's 100", budgets(rows, long_rows, paper)]
     rows = grid_rows(out, "table1_preact")
     if rows:
         records = list(dict.fromkeys(r["record"] for r in rows))
