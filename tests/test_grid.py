@@ -276,3 +276,12 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:  # no /proc here, or it just went: the next look decides
         return True
+
+
+def test_the_shipped_reproduction_grid_file_plans(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "reproduction.yaml"
+    planned = grids.load_grids(path, out=str(tmp_path))
+    assert [g.out.name for g in planned] == ["table1", "table1_preact", "table5", "table6_7", "table3", "budget",
+                                             "budget_sau"]
+    assert sum(len(g.cells) for g in planned) == 471
+    assert len({job.folder for g in planned for job in g.attacks}) == 14
