@@ -93,9 +93,9 @@ def spearman(a: list, b: list) -> float:
 
 def ordering(rows, paper) -> str:
     """The defenses both tables average, ranked by average ASR here and in the paper, and Spearman's ρ."""
-    pairs = [(d, average(rows, d, "asr"), float(paper[("1", "average", d)]["asr"]))
-             for d in dict.fromkeys(r["defense"] for r in rows)
-             if d != NO_DEFENSE and ("1", "average", d) in paper and average(rows, d, "asr") is not None]
+    ours_by_defense = {d: average(rows, d, "asr") for d in dict.fromkeys(r["defense"] for r in rows)}
+    pairs = [(d, a, float(paper[("1", "average", d)]["asr"])) for d, a in ours_by_defense.items()
+             if d != NO_DEFENSE and a is not None and ("1", "average", d) in paper]
     if len(pairs) < 3:
         return "too few defenses in both tables to rank"
     ours, theirs = ranks([100 * p[1] for p in pairs]), ranks([p[2] for p in pairs])

@@ -120,13 +120,14 @@ def load_grids(path: str | os.PathLike, out: Optional[str] = None,
     if not isinstance(subgrids, Mapping) or not subgrids:
         raise GridError("grids must map a name to a grid, e.g. grids: {table1: {attacks: [...], defenses: [...]}}")
     shared = {k: v for k, v in raw.items() if k not in ("grids", "out")}
-    grids = [plan({**shared, **dict(sub or {})}, root / str(name), base=path.parent, records=root / "record")
-             for name, sub in subgrids.items()]
+    names = [str(name) for name in subgrids]
+    grids = [plan({**shared, **dict(sub or {})}, root / name, base=path.parent, records=root / "record")
+             for name, sub in zip(names, subgrids.values())]
     _same_records(grids)
-    unknown = [name for name in only or () if name not in map(str, subgrids)]
+    unknown = [name for name in only or () if name not in names]
     if unknown:
-        raise GridError(f"no grid named {unknown[0]} in {path}; it holds: {', '.join(map(str, subgrids))}")
-    return [g for g in grids if not only or g.out.name in only]
+        raise GridError(f"no grid named {unknown[0]} in {path}; it holds: {', '.join(names)}")
+    return [g for name, g in zip(names, grids) if not only or name in only]
 
 
 def _same_records(grids: Sequence["Grid"]) -> None:
