@@ -49,7 +49,8 @@ from .files import StagedFolder, write_json
 GRID_KEYS = {"out", "grids", "seeds", "epochs", "ratio", "device", "data_root", "attacks", "defenses", "sweep",
              "reserved_source", "calibrate", "calibrate_set", "dataset", "model"}
 ATTACK_KEYS = {"record", "attack", "name", "from", "params", "epochs", "train_size", "model", "dataset", "ratio",
-               "target", "seed", "rho", "lr", "batch_size", "sam_epochs"}
+               "target", "seed", "rho", "lr", "batch_size", "sam_epochs", "eval_every"}
+UNRECORDED_KEYS = {"eval_every"}  # attack options that change what is measured while training, not the record
 DEFENSE_KEYS = {"name", "label", "set", "sweep"}
 FLATTEN = "sam-flatten"
 NO_DEFENSE = "no defense"
@@ -281,7 +282,8 @@ def _one_attack(entry: dict, sweep, records: Path, base: Path, raw: Mapping,
             parts += [suffix.replace("params.", "").replace("=", "").replace(",", "-")] if suffix else []
             job_name = "-".join(parts)
             job_options = {"attack": attack, **chosen}
-            identity = registry.config_hash({"options": job_options, "from": origin.identity if origin else None})
+            recorded = {k: v for k, v in job_options.items() if k not in UNRECORDED_KEYS}
+            identity = registry.config_hash({"options": recorded, "from": origin.identity if origin else None})
             jobs.append(AttackJob(job_name, str(records / job_name), job_options,
                                   origin.folder if origin else None, name, identity))
     return jobs

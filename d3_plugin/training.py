@@ -292,15 +292,17 @@ def due(epoch: int, epochs: int, every: int) -> bool:
 
 def train_classifier(model: torch.nn.Module, batches: Iterable, *, epochs: int, lr: float, momentum: float = 0.9,
                      weight_decay: float = 0.0, label_smoothing: float = 0.0, sam_rho: float = 0.0,
-                     adaptive_sam: bool = True, device=None, on_epoch=None, progress: Optional[str] = None,
-                     checkpoint: Optional[EpochCheckpoint] = None):
+                     adaptive_sam: bool = True, device=None, on_epoch=None, eval_every: int = 1,
+                     progress: Optional[str] = None, checkpoint: Optional[EpochCheckpoint] = None):
     """Train a copy of `model` with cross-entropy, SGD (inside (A)SAM when sam_rho > 0) and a cosine
     schedule; returns (model, history). Fine-tuning, FT-SAM, backdoor training and SAM flattening are
     all this one recipe with different settings. `device`: move the copy there first (default: stay).
-    `checkpoint`: see fit (its `extra` should identify the input model and settings)."""
+    `on_epoch` runs every `eval_every` epochs and after the last. `checkpoint`: see fit (its `extra` should
+    identify the input model and settings)."""
     model = copy.deepcopy(model) if device is None else copy.deepcopy(model).to(device)
     base = sgd(model.parameters(), lr, momentum, weight_decay)
     optimizer = SAM(base, sam_rho, adaptive_sam) if sam_rho > 0 else base
     history = fit(model, batches, optimizer, cross_entropy(label_smoothing), epochs,
-                  scheduler=cosine(base, epochs), on_epoch=on_epoch, progress=progress, checkpoint=checkpoint)
+                  scheduler=cosine(base, epochs), on_epoch=on_epoch, on_epoch_every=eval_every, progress=progress,
+                  checkpoint=checkpoint)
     return model, history

@@ -190,7 +190,8 @@ def test_record_round_trips_through_the_loader(tmp_path, fmnist):
 @pytest.mark.parametrize("argv, expected", [
     (["--epochs", "0"], "--epochs must be ≥ 1, got 0"), (["--train-size", "-5"], "--train-size must be ≥ 1, got -5"),
     (["--lr", "0"], "--lr must be > 0, got 0.0"), (["--lr", "nan"], "--lr must be > 0, got nan"),
-    (["--ratio", "1.5"], "--ratio must be > 0 and ≤ 1, got 1.5"), (["--batch-size", "0"], "--batch-size must be ≥ 1")])
+    (["--ratio", "1.5"], "--ratio must be > 0 and ≤ 1, got 1.5"), (["--batch-size", "0"], "--batch-size must be ≥ 1"),
+    (["--eval-every", "0"], "--eval-every must be ≥ 1, got 0")])
 def test_attack_numbers_out_of_range_are_one_line_errors_not_defaults(tmp_path, capsys, argv, expected):
     from d3_plugin.cli import main
     out = tmp_path / "record" / "x"
@@ -198,6 +199,40 @@ def test_attack_numbers_out_of_range_are_one_line_errors_not_defaults(tmp_path, 
     message = capsys.readouterr().err.strip()
     assert "\n" not in message and expected in message
     assert not out.exists()
+
+
+def tiny_cifar10(tmp_path):
+    """CIFAR-10's layout with 20 images in each batch file: (batch folder, random generator used)."""
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "data" / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                         b"labels": rng.integers(0, 10, 20).tolist()}, f, protocol=2)
+    return folder, rng
+
+
+def test_eval_every_measures_every_nth_epoch_and_the_last_of_each_phase(tmp_path):
+    import csv
+
+    from d3_plugin.cli import main
+    from d3_plugin.training import seed_everything
+
+    seed_everything(0)
+    folder, _ = tiny_cifar10(tmp_path)
+    out = tmp_path / "record" / "tiny"
+    assert main(["attack", "badnets", "--dataset", "cifar10", "--data-root", str(folder.parent), "--epochs", "3",
+                 "--rho", "1", "--sam-epochs", "2", "--hessian-iterations", "0", "--eval-every", "2",
+                 "--out", str(out), "--device", "cpu", "--batch-size", "32"]) == 0
+    rows = list(csv.DictReader((out / "attack_df.csv").read_text().splitlines()))
+    measured = [row["test_asr"] != "nan_value" for row in rows]  # BackdoorBench's spelling of a missing value
+    assert [row["phase"] for row in rows] == ["train"] * 3 + ["sam"] * 2
+    assert measured == [False, True, True, False, True]
 
 
 def test_a_record_made_on_a_smaller_test_split_loads_back(tmp_path):
@@ -211,13 +246,7 @@ def test_a_record_made_on_a_smaller_test_split_loads_back(tmp_path):
     from d3_plugin.training import seed_everything
 
     seed_everything(0)
-    folder = tmp_path / "data" / "cifar10" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
-                         b"labels": rng.integers(0, 10, 20).tolist()}, f, protocol=2)
+    folder, rng = tiny_cifar10(tmp_path)
     out = tmp_path / "record" / "tiny"
     assert main(["attack", "badnets", "--dataset", "cifar10", "--data-root", str(folder.parent), "--epochs", "1",
                  "--out", str(out), "--device", "cpu", "--batch-size", "32"]) == 0

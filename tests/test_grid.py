@@ -149,6 +149,15 @@ def test_a_tiny_grid_runs_then_skips_finished_cells_and_retries_failed_ones(made
     assert without_seconds(run_grid(tiny(made, out), LocalPool(1), progress=False)) == without_seconds(rows)
 
 
+def test_eval_every_reaches_the_attack_but_does_not_make_another_record(tmp_path):
+    def planned(**extra):
+        raw = {"seeds": [0], "defenses": ["ft"], "attacks": [{"attack": "badnets", "epochs": 3, **extra}]}
+        return plan(raw, tmp_path / "out")
+    plain, measured_less = planned().attacks[0], planned(eval_every=5).attacks[0]
+    assert plain.identity == measured_less.identity and plain.folder == measured_less.folder
+    assert grids.attack_argv(measured_less)[-2:] == ["--eval-every", "5"]
+
+
 def test_a_record_made_with_other_options_is_moved_aside_made_again_and_gets_new_cells(made, tmp_path):
     _, data = made
 

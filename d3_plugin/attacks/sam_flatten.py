@@ -39,9 +39,10 @@ class FlattenConfig:
 
 def sam_flatten(model: nn.Module, poisoned_train: ImageSet, spec: DatasetSpec, config: FlattenConfig, *,
                 device="cpu", on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
-                progress: Optional[str] = None):
-    """Train a copy of `model` on the poisoned set with (A)SAM + SGD + cosine; returns (model, history)."""
+                eval_every: int = 1, progress: Optional[str] = None):
+    """Train a copy of `model` on the poisoned set with (A)SAM + SGD + cosine; returns (model, history).
+    `on_epoch` runs every `eval_every` epochs and after the last."""
     batches = Loader(poisoned_train, spec, config.batch_size, train=True, device=device, seed=config.seed)
     return train_classifier(model, batches, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
                             weight_decay=config.weight_decay, sam_rho=config.rho, adaptive_sam=config.adaptive,
-                            device=device, on_epoch=on_epoch, progress=progress)
+                            device=device, on_epoch=on_epoch, eval_every=eval_every, progress=progress)

@@ -24,9 +24,11 @@ class TrainConfig:
 
 
 def train_model(model: nn.Module, data: ImageSet, spec: DatasetSpec, config: TrainConfig, *, device="cpu",
-                on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
+                on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None, eval_every: int = 1,
                 progress: Optional[str] = None):
-    """Standard SGD + cosine training with augmentation; returns (trained copy, history)."""
+    """Standard SGD + cosine training with augmentation; returns (trained copy, history). `on_epoch` runs
+    every `eval_every` epochs and after the last."""
     batches = Loader(data, spec, config.batch_size, train=True, device=device, seed=config.seed)
     return train_classifier(model, batches, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
-                            weight_decay=config.weight_decay, device=device, on_epoch=on_epoch, progress=progress)
+                            weight_decay=config.weight_decay, device=device, on_epoch=on_epoch, eval_every=eval_every,
+                            progress=progress)

@@ -27,7 +27,7 @@ FLATTEN = "sam-flatten"
 INPUT_AWARE = "input-aware"
 # input-aware config fields set by this command's own options, not by --param
 INPUT_AWARE_OPTIONS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed",
-                       "ratio": "--ratio", "target": "--target"}
+                       "ratio": "--ratio", "target": "--target", "eval_every": "--eval-every"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="measure ACC / ASR / RA on the test sets every N epochs and after the last (default 1; "
+                             "each measurement costs about a training epoch on a large model)")
     sam = parser.add_argument_group("SAM flattening")
     sam.add_argument("--result_file", "--result-file", dest="result_file", default=None,
                      help="sam-flatten: the record folder (or its attack_result.pt) to flatten")
@@ -69,7 +72,7 @@ def parse_params(pairs) -> dict:
 # option → (smallest allowed value, whether the smallest itself is allowed); None means "not given"
 NUMBERS = {"epochs": (1, True), "ratio": (0, False), "train_size": (1, True), "lr": (0, False),
            "batch_size": (1, True), "target": (0, True), "rho": (0, False), "sam_epochs": (1, True),
-           "hessian_iterations": (0, True)}
+           "hessian_iterations": (0, True), "eval_every": (1, True)}
 
 
 def check_numbers(args) -> None:
@@ -113,10 +116,16 @@ def _flatten(model, poisoned_train, spec, args, device, epochs, test, bd_test):
     before = measure_flatness(model, batches, hessian_iterations=args.hessian_iterations)
     model, history = sam_flatten(model, poisoned_train, spec, config, device=device,
                                  on_epoch=epoch_evaluator(test, bd_test, spec, device, "sam"),
-                                 progress="sam")
+                                 eval_every=eval_every(args), progress="sam")
+    for row in history:
+        row.setdefault("phase", "sam")  # the epochs that were not measured
     after = measure_flatness(model, batches, hessian_iterations=args.hessian_iterations)
     print(f"backdoor-loss flatness before SAM: {_fmt(before)}\n                          after SAM: {_fmt(after)}")
     return model, history, {"sam": config.to_dict(), "flatness_before": before, "flatness_after": after}
+
+
+def eval_every(args) -> int:
+    return 1 if args.eval_every is None else args.eval_every
 
 
 def _fmt(flatness: dict) -> str:
@@ -136,7 +145,8 @@ def _run_attack(args, device) -> int:
                          lr=TrainConfig.lr if args.lr is None else args.lr, batch_size=args.batch_size,
                          seed=args.seed)
     model, history = train_model(model, poisoned, spec, config, device=device,
-                                 on_epoch=epoch_evaluator(test, bd_test, spec, device), progress=attack.name)
+                                 on_epoch=epoch_evaluator(test, bd_test, spec, device), eval_every=eval_every(args),
+                                 progress=attack.name)
     info = {"attack": attack.name, "params": {**trigger_params, **poison_params}, "target": args.target,
             "ratio": attack.ratio if args.ratio is None else args.ratio, "clean_label": attack.clean_label,
             "poisoned_samples": int(poisoned.poisoned.sum()), "train_size": len(train),
@@ -185,7 +195,7 @@ def input_aware_config(args) -> "ia.InputAwareConfig":
             except ValueError:
                 pass
     values = {**params, "batch_size": args.batch_size, "seed": args.seed, "target": args.target}
-    for key in ("epochs", "lr", "ratio"):
+    for key in ("epochs", "lr", "ratio", "eval_every"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     return ia.InputAwareConfig(**values)
