@@ -346,9 +346,12 @@ def set_threads(threads: Optional[int]) -> None:
 
 
 def attack_argv(job: AttackJob) -> List[str]:
-    """The `d3-plugin attack` command line of a trained record."""
+    """The `d3-plugin attack` command line of a trained record; it continues a killed run where it can."""
+    from .commands.attack import resumes
+
     options = dict(job.options)
-    argv = ["attack", options.pop("attack"), "--out", job.folder]
+    attack = options.pop("attack")
+    argv = ["attack", attack, "--out", job.folder] + (["--resume"] if resumes(attack) else [])
     if job.source:
         argv += ["--result_file", job.source]
     for key, value in options.items():

@@ -235,6 +235,67 @@ def test_eval_every_measures_every_nth_epoch_and_the_last_of_each_phase(tmp_path
     assert measured == [False, True, True, False, True]
 
 
+def dies_in_measurement(real, number: int, calls: list):
+    """An epoch_evaluator whose `number`-th measurement (counted over every phase) is a Ctrl-C."""
+    def make(*args, **kwargs):
+        measure = real(*args, **kwargs)
+
+        def on_epoch(epoch, model):
+            calls.append(epoch)
+            if len(calls) == number:
+                raise KeyboardInterrupt
+            return measure(epoch, model)
+        return on_epoch
+    return make
+
+
+def test_a_killed_attack_resumes_through_both_phases_to_the_same_record_bit_for_bit(tmp_path, monkeypatch, capsys):
+    from d3_plugin.backdoorbench.safe_load import safe_torch_load
+    from d3_plugin.cli import main
+    from d3_plugin.commands import attack as command
+    from d3_plugin.training import seed_everything
+
+    seed_everything(0)
+    folder, _ = tiny_cifar10(tmp_path)
+    record = tmp_path / "record"
+
+    def attack(name, *extra):
+        return main(["attack", "badnets", "--dataset", "cifar10", "--data-root", str(folder.parent), "--epochs", "3",
+                     "--rho", "1", "--sam-epochs", "2", "--hessian-iterations", "0", "--out", str(record / name),
+                     "--device", "cpu", "--batch-size", "32", *extra])
+
+    def weights(name):
+        return safe_torch_load(record / name / "attack_result.pt")["model"]
+
+    assert attack("whole") == 0 and command.resume_files(record / "whole") == []
+    real = command.epoch_evaluator
+    for die_at, done in ((2, {"train": 1}), (4, {"train": 3, "sam": 1})):  # train epoch 2; then SAM epoch 2
+        calls = []
+        monkeypatch.setattr(command, "epoch_evaluator", dies_in_measurement(real, die_at, calls))
+        assert attack("killed", "--resume") == 130 and not (record / "killed").exists()
+        left = {path.name.split(".")[2].split("-")[0]: safe_torch_load(path)["done"]
+                for path in command.resume_files(record / "killed")}
+        assert left == done
+    monkeypatch.setattr(command, "epoch_evaluator", real)
+    assert attack("killed", "--resume") == 0 and command.resume_files(record / "killed") == []
+    whole, resumed = weights("whole"), weights("killed")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert (record / "whole" / "attack_df.csv").read_text() == (record / "killed" / "attack_df.csv").read_text()
+
+    monkeypatch.setattr(command, "epoch_evaluator", dies_in_measurement(real, 2, []))
+    assert attack("again") == 130 and len(command.resume_files(record / "again")) == 1
+    monkeypatch.setattr(command, "epoch_evaluator", real)
+    capsys.readouterr()
+    assert attack("again") == 0 and "started over: removed" in capsys.readouterr().out  # no --resume: afresh
+    assert attack("x", "--resume", "--epochs", "0") == 2
+
+
+def test_input_aware_says_it_cannot_resume(tmp_path, capsys):
+    from d3_plugin.cli import main
+    assert main(["attack", "input-aware", "--out", str(tmp_path / "record" / "ia"), "--resume"]) == 2
+    assert "input-aware cannot resume a killed run" in capsys.readouterr().err
+
+
 def test_a_record_made_on_a_smaller_test_split_loads_back(tmp_path):
     """CIFAR-10's layout with 20 test images (not 10,000): the record keeps the split sizes it was made on."""
     import pickle

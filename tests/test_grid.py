@@ -71,8 +71,8 @@ def test_plan_expands_sweeps_into_records_labels_and_stable_keys(tmp_path):
     assert [j.options.get("params.alpha") for j in grid.attacks[1:3]] == [0.1, 0.2]
     flatten = grid.attacks[5]
     assert flatten.source == grid.attacks[2].folder and flatten.options["rho"] == 1
-    assert grids.attack_argv(flatten)[:6] == ["attack", "sam-flatten", "--out", flatten.folder, "--result_file",
-                                              grid.attacks[2].folder]
+    assert grids.attack_argv(flatten)[:7] == ["attack", "sam-flatten", "--out", flatten.folder, "--resume",
+                                              "--result_file", grid.attacks[2].folder]
     assert {c.label for c in grid.cells} == {"ft", "d3[lam=1]", "d3[lam=10]"}
     assert len(grid.cells) == 7 * 3 * 3 and len({c.key for c in grid.cells}) == len(grid.cells)
     assert [c.key for c in load_grid(tmp_path / "g.yaml").cells] == [c.key for c in grid.cells]

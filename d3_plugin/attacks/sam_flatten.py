@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 from torch import nn
 
 from ..data import DatasetSpec, ImageSet, Loader
-from ..training import train_classifier
+from ..training import EpochCheckpoint, train_classifier
 
 
 @dataclass
@@ -39,10 +39,12 @@ class FlattenConfig:
 
 def sam_flatten(model: nn.Module, poisoned_train: ImageSet, spec: DatasetSpec, config: FlattenConfig, *,
                 device="cpu", on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None,
-                eval_every: int = 1, progress: Optional[str] = None):
+                eval_every: int = 1, progress: Optional[str] = None, checkpoint: Optional[EpochCheckpoint] = None):
     """Train a copy of `model` on the poisoned set with (A)SAM + SGD + cosine; returns (model, history).
-    `on_epoch` runs every `eval_every` epochs and after the last."""
+    `on_epoch` runs every `eval_every` epochs and after the last; `checkpoint`: resume from / save after
+    every epoch (fit)."""
     batches = Loader(poisoned_train, spec, config.batch_size, train=True, device=device, seed=config.seed)
     return train_classifier(model, batches, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
                             weight_decay=config.weight_decay, sam_rho=config.rho, adaptive_sam=config.adaptive,
-                            device=device, on_epoch=on_epoch, eval_every=eval_every, progress=progress)
+                            device=device, on_epoch=on_epoch, eval_every=eval_every, progress=progress,
+                            checkpoint=checkpoint)

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Optional
 from torch import nn
 
 from ..data import DatasetSpec, ImageSet, Loader
-from ..training import train_classifier
+from ..training import EpochCheckpoint, train_classifier
 
 
 @dataclass
@@ -25,10 +25,10 @@ class TrainConfig:
 
 def train_model(model: nn.Module, data: ImageSet, spec: DatasetSpec, config: TrainConfig, *, device="cpu",
                 on_epoch: Optional[Callable[[int, nn.Module], Dict[str, float]]] = None, eval_every: int = 1,
-                progress: Optional[str] = None):
+                progress: Optional[str] = None, checkpoint: Optional[EpochCheckpoint] = None):
     """Standard SGD + cosine training with augmentation; returns (trained copy, history). `on_epoch` runs
-    every `eval_every` epochs and after the last."""
+    every `eval_every` epochs and after the last; `checkpoint`: resume from / save after every epoch (fit)."""
     batches = Loader(data, spec, config.batch_size, train=True, device=device, seed=config.seed)
     return train_classifier(model, batches, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
                             weight_decay=config.weight_decay, device=device, on_epoch=on_epoch, eval_every=eval_every,
-                            progress=progress)
+                            progress=progress, checkpoint=checkpoint)

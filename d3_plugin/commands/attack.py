@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 from pathlib import Path
+from typing import List
 
 import torch
 
@@ -19,12 +21,15 @@ from ..attacks.sam_flatten import FlattenConfig, sam_flatten
 from ..data import load_dataset
 from ..data.readers import dataset_spec
 from ..models import build_model
-from ..training import resolve_device, seed_everything
+from ..training import EpochCheckpoint, resolve_device, seed_everything
 
 NAME = "attack"
 HELP = "train a backdoor attack (or SAM-flatten one) and save it as a BackdoorBench record folder"
 FLATTEN = "sam-flatten"
 INPUT_AWARE = "input-aware"
+# the options that make a record: a checkpoint continues only a run made with the same ones
+RECORD_OPTIONS = ("attack", "dataset", "data_root", "model", "epochs", "ratio", "target", "param", "train_size",
+                  "lr", "batch_size", "seed", "rho", "sam_epochs", "plain_sam")
 # input-aware config fields set by this command's own options, not by --param
 INPUT_AWARE_OPTIONS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed",
                        "ratio": "--ratio", "target": "--target", "eval_every": "--eval-every"}
@@ -53,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=None,
                         help="measure ACC / ASR / RA on the test sets every N epochs and after the last (default 1; "
                              "each measurement costs about a training epoch on a large model)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a killed run with the same options from its last finished epoch (every "
+                             "attack but input-aware saves one after each epoch); without it a killed run's "
+                             "checkpoint is removed and training starts over")
     sam = parser.add_argument_group("SAM flattening")
     sam.add_argument("--result_file", "--result-file", dest="result_file", default=None,
                      help="sam-flatten: the record folder (or its attack_result.pt) to flatten")
@@ -95,7 +104,12 @@ def run(args) -> int:
     if Path(args.out).parent.name != "record":
         raise ValueError(f"--out {args.out} must be <checkout>/record/<name> (BackdoorBench resolves the "
                          f"record's paths against the folder holding record/)")
+    if args.resume and not resumes(args.attack):
+        raise ValueError(f"{INPUT_AWARE} cannot resume a killed run (its trigger generator keeps no checkpoint); "
+                         f"drop --resume")
     device = resolve_device(args.device)
+    if not args.resume:
+        _start_over(args.out)
     seed_everything(args.seed)
     if args.attack == FLATTEN:
         return _run_flatten(args, device)
@@ -106,7 +120,40 @@ def run(args) -> int:
     return _run_attack(args, device)
 
 
-def _flatten(model, poisoned_train, spec, args, device, epochs, test, bd_test):
+def resumes(attack: str) -> bool:
+    """Whether `d3-plugin attack <attack>` keeps the epoch checkpoints that --resume continues."""
+    return attack != INPUT_AWARE
+
+
+def resume_files(out) -> List[Path]:
+    """The epoch checkpoints of unfinished runs of the record `out`: hidden files beside it."""
+    out = Path(out)
+    return sorted(out.parent.glob(f".{out.name}.*.resume.pt"))
+
+
+def phase_checkpoint(args, phase: str, source: str = "") -> EpochCheckpoint:
+    """The checkpoint of one training phase (train / sam) of this run; `source`: the digest of the
+    record a sam-flatten run starts from. Its name holds the hash of the options, so a run with other
+    options starts afresh instead of continuing it."""
+    options = {**{key: getattr(args, key) for key in RECORD_OPTIONS}, "source": source}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    name = f".{out.name}.{phase}-{registry.config_hash({'options': options, 'phase': phase})}.resume.pt"
+    return EpochCheckpoint(out.parent / name, {"options": options, "phase": phase})
+
+
+def _start_over(out) -> None:
+    for path in resume_files(out):
+        path.unlink()
+        print(f"started over: removed {path}, the checkpoint of an unfinished run (--resume continues one)")
+
+
+def _finished(out) -> None:
+    for path in resume_files(out):  # the record is whole: nothing is left to resume
+        path.unlink()
+
+
+def _flatten(model, poisoned_train, spec, args, device, epochs, test, bd_test, source: str = ""):
     """(A)SAM-flatten `model`; returns (model, history, info) with the backdoor-loss flatness before and
     after, measured on a fixed sample of the poisoned test set."""
     config = FlattenConfig(rho=args.rho, adaptive=not args.plain_sam, epochs=epochs,
@@ -116,7 +163,8 @@ def _flatten(model, poisoned_train, spec, args, device, epochs, test, bd_test):
     before = measure_flatness(model, batches, hessian_iterations=args.hessian_iterations)
     model, history = sam_flatten(model, poisoned_train, spec, config, device=device,
                                  on_epoch=epoch_evaluator(test, bd_test, spec, device, "sam"),
-                                 eval_every=eval_every(args), progress="sam")
+                                 eval_every=eval_every(args), progress="sam",
+                                 checkpoint=phase_checkpoint(args, "sam", source))
     for row in history:
         row.setdefault("phase", "sam")  # the epochs that were not measured
     after = measure_flatness(model, batches, hessian_iterations=args.hessian_iterations)
@@ -146,7 +194,7 @@ def _run_attack(args, device) -> int:
                          seed=args.seed)
     model, history = train_model(model, poisoned, spec, config, device=device,
                                  on_epoch=epoch_evaluator(test, bd_test, spec, device), eval_every=eval_every(args),
-                                 progress=attack.name)
+                                 progress=attack.name, checkpoint=phase_checkpoint(args, "train"))
     info = {"attack": attack.name, "params": {**trigger_params, **poison_params}, "target": args.target,
             "ratio": attack.ratio if args.ratio is None else args.ratio, "clean_label": attack.clean_label,
             "poisoned_samples": int(poisoned.poisoned.sum()), "train_size": len(train),
@@ -159,6 +207,7 @@ def _run_attack(args, device) -> int:
     save_record(args.out, model.cpu(), model_name=args.model, num_classes=spec.num_classes, spec=spec,
                 poisoned_train=poisoned, bd_test=bd_test, history=history, info=info, clean_train_size=full_size,
                 clean_test_size=len(test))
+    _finished(args.out)
     print(f"saved {Path(args.out) / 'attack_result.pt'}")
     return 0
 
@@ -236,6 +285,7 @@ def _run_input_aware(args, device) -> int:
                 poisoned_train=poisoned, bd_test=bd_test, history=history, info=info, clean_train_size=full_size,
                 clean_test_size=len(test))
     trigger.save(Path(args.out) / ia.NETWORKS_FILE, config)
+    _finished(args.out)
     print(f"saved {Path(args.out) / 'attack_result.pt'}")
     return 0
 
@@ -251,13 +301,16 @@ def _run_flatten(args, device) -> int:
                          f"that has one")
     model = model_from_record(record).to(device)
     epochs = 5 if args.epochs is None else args.epochs
+    pt = Path(args.result_file)
+    source = hashlib.sha256((pt / "attack_result.pt" if pt.is_dir() else pt).read_bytes()).hexdigest()
     model, history, info = _flatten(model, record.bd_train, record.spec, args, device, epochs,
-                                    record.clean_test, record.bd_test)
+                                    record.clean_test, record.bd_test, source)
     info.update({"source_record": str(record.folder), "model": record.model_name})
     _report(history)
     save_record(args.out, model.cpu(), model_name=record.model_name, num_classes=record.num_classes,
                 spec=record.spec, poisoned_train=record.bd_train, bd_test=record.bd_test, history=history,
                 info=info, clean_train_size=len(record.clean_train), clean_test_size=len(record.clean_test))
+    _finished(args.out)
     print(f"saved {Path(args.out) / 'attack_result.pt'}")
     return 0
 
