@@ -119,14 +119,13 @@ def beside_paper(rows, paper, table_name: str, records: list, defenses: list) ->
     return table(["record", "defense", "ACC %", "ASR %", "DER %", "paper ACC / ASR / DER"], lines)
 
 
-def matrix(rows, records: list, defenses: list, paper=None, table_name: str = "") -> str:
+def table5(rows, paper, defenses=("ft", "ft-sam", "d3")) -> str:
+    """One row per record (plain, then flattened at each ρ): the record itself, each defense, the paper's."""
     lines = []
-    for record in records:
-        cells = [acc_asr(find(rows, record, d), std=True) for d in defenses]
-        extra = [paper_cell(paper, table_name, record, d) for d in defenses] if paper else []
-        lines.append([record, *cells, *extra])
-    header = ["record", *defenses] + ([f"paper {d}" for d in defenses] if paper else [])
-    return table(header, lines)
+    for record in dict.fromkeys(r["record"] for r in rows):
+        cells = [acc_asr(find(rows, record, d), std=True) for d in (NO_DEFENSE, *defenses)]
+        lines.append([record, *cells, *(paper_cell(paper, "5", record, d) for d in defenses)])
+    return table(["record", NO_DEFENSE, *defenses, *(f"paper {d}" for d in defenses)], lines)
 
 
 def budgets(short_rows, long_rows, paper) -> str:
@@ -172,9 +171,7 @@ def main() -> None:
                                                               [NO_DEFENSE, "ft", "ft-sam", "fst", "d3"])]
     rows = grid_rows(out, "table5")
     if rows:
-        records = list(dict.fromkeys(r["record"] for r in rows))
-        parts += ["## Table 5: SAM-flattened backdoors, ACC / ASR %", matrix(rows, records, ["ft", "ft-sam", "d3"],
-                                                                            paper, "5")]
+        parts += ["## Table 5: SAM-flattened backdoors, ACC / ASR %", table5(rows, paper)]
     for name, title in (("table6_7", "Tables 6 and 7: D3's ε and λ"), ("table3", "Table 3: the reserved fraction")):
         rows = grid_rows(out, name)
         if rows:

@@ -43,3 +43,14 @@ def test_ordering_says_so_when_too_few_defenses_can_be_ranked(reproduction_table
     rows = rows_with_average_asr(reproduction_table, {"d3": 0.01, "ft": 0.9})
     assert reproduction_table.ordering(rows, reproduction_table.paper_numbers()) == \
         "too few defenses in both tables to rank"
+
+
+def test_table5_sets_the_record_itself_and_each_defense_beside_the_papers_rho3_numbers(reproduction_table):
+    rows = [{"record": record, "defense": defense, "acc": 0.8, "asr": asr}
+            for record in ("badnets", "flat-badnets-rho3") for defense, asr in
+            (("no defense", 0.9), ("ft", 0.5), ("ft-sam", 0.3), ("d3", 0.02))]
+    lines = reproduction_table.table5(rows, reproduction_table.paper_numbers()).splitlines()
+    assert lines[0].split("|")[2].strip() == "no defense"
+    plain, flat = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]]
+    assert plain[:2] == ["badnets", "80.0 / 90.0"] and plain[5:] == ["–", "–", "–"]
+    assert flat[4] == "80.0 / 2.0" and flat[5:] == ["92.55 / 71.24", "92.19 / 54.79", "91.53 / 1.24"]
