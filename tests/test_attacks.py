@@ -285,7 +285,10 @@ def test_a_killed_attack_resumes_through_both_phases_to_the_same_record_bit_for_
     monkeypatch.setattr(command, "epoch_evaluator", dies_in_measurement(real, 2, []))
     assert attack("again") == 130 and len(command.resume_files(record / "again")) == 1
     monkeypatch.setattr(command, "epoch_evaluator", real)
+    command.resume_files(record / "again")[0].write_bytes(b"not a checkpoint")
     capsys.readouterr()
+    assert attack("again", "--resume") == 2 and not (record / "again").exists()
+    assert "is corrupt or unreadable" in capsys.readouterr().err
     assert attack("again") == 0 and "started over: removed" in capsys.readouterr().out  # no --resume: afresh
     assert attack("x", "--resume", "--epochs", "0") == 2
 
