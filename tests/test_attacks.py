@@ -235,6 +235,20 @@ def test_eval_every_measures_every_nth_epoch_and_the_last_of_each_phase(tmp_path
     assert measured == [False, True, True, False, True]
 
 
+@pytest.mark.parametrize("model, argv, lr", [("small_cnn", [], 0.05), ("preactresnet18", [], 0.01),
+                                             ("preactresnet18", ["--lr", "0.02"], 0.02)])
+def test_the_training_lr_defaults_per_architecture_and_yields_to_lr(tmp_path, model, argv, lr):
+    from d3_plugin.cli import main
+    from d3_plugin.training import seed_everything
+
+    seed_everything(0)
+    folder, _ = tiny_cifar10(tmp_path)
+    out = tmp_path / "record" / "tiny"
+    assert main(["attack", "badnets", "--dataset", "cifar10", "--data-root", str(folder.parent), "--epochs", "1",
+                 "--model", model, "--out", str(out), "--device", "cpu", "--batch-size", "32", *argv]) == 0
+    assert json.loads((out / "attack_info.json").read_text())["train"]["lr"] == lr
+
+
 def dies_in_measurement(real, number: int, calls: list):
     """An epoch_evaluator whose `number`-th measurement (counted over every phase) is a Ctrl-C."""
     def make(*args, **kwargs):

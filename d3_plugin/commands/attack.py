@@ -12,7 +12,7 @@ from typing import List
 import torch
 
 from .. import registry
-from ..attacks import TrainConfig, train_model
+from ..attacks import TrainConfig, default_lr, train_model
 from ..attacks import input_aware as ia
 from ..attacks.flatness import measure_flatness
 from ..attacks.record import epoch_evaluator, flatness_batches, save_record
@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="attack parameter, e.g. alpha=0.3 (repeatable; values parsed as YAML)")
     parser.add_argument("--train-size", type=int, default=None, help="train on a seeded subset of this size")
-    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="training lr (default 0.05; preactresnet18 0.01, BackdoorBench's; sam-flatten 0.01)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -190,7 +191,7 @@ def _run_attack(args, device) -> int:
     bd_test = attack.poison_test(test, target=args.target, **params)
     model = build_model(args.model, spec.num_classes, spec.channels, spec.size)
     config = TrainConfig(epochs=10 if args.epochs is None else args.epochs,
-                         lr=TrainConfig.lr if args.lr is None else args.lr, batch_size=args.batch_size,
+                         lr=default_lr(args.model) if args.lr is None else args.lr, batch_size=args.batch_size,
                          seed=args.seed)
     model, history = train_model(model, poisoned, spec, config, device=device,
                                  on_epoch=epoch_evaluator(test, bd_test, spec, device), eval_every=eval_every(args),
