@@ -106,6 +106,12 @@ def ordering(rows, paper) -> str:
             + f"\n\nSpearman's ρ between the two rankings: {rho:.2f} over {len(pairs)} defenses.")
 
 
+def span(row, metric: str) -> str:
+    """min–max over the seeds, e.g. '0.3–37.8' ('–' without both)."""
+    low, high = row.get(f"{metric}_min"), row.get(f"{metric}_max")
+    return "–" if low is None or high is None else f"{100 * low:.1f}–{100 * high:.1f}"
+
+
 def beside_paper(rows, paper, table_name: str, records: list, defenses: list) -> str:
     lines = []
     for record in records:
@@ -114,9 +120,9 @@ def beside_paper(rows, paper, table_name: str, records: list, defenses: list) ->
             if ours is None:
                 continue
             der = "–" if defense == NO_DEFENSE else pct(ours, "der")
-            lines.append([record, defense, pct(ours, "acc"), pct(ours, "asr"), der,
+            lines.append([record, defense, pct(ours, "acc"), pct(ours, "asr"), span(ours, "asr"), der,
                           paper_cell(paper, table_name, record.replace("-preact", ""), defense, der=True)])
-    return table(["record", "defense", "ACC %", "ASR %", "DER %", "paper ACC / ASR / DER"], lines)
+    return table(["record", "defense", "ACC %", "ASR %", "ASR min–max", "DER %", "paper ACC / ASR / DER"], lines)
 
 
 def table5(rows, paper, defenses=("ft", "ft-sam", "d3")) -> str:

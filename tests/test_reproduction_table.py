@@ -54,3 +54,16 @@ def test_table5_sets_the_record_itself_and_each_defense_beside_the_papers_rho3_n
     plain, flat = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]]
     assert plain[:2] == ["badnets", "80.0 / 90.0"] and plain[5:] == ["–", "–", "–"]
     assert flat[4] == "80.0 / 2.0" and flat[5:] == ["92.55 / 71.24", "92.19 / 54.79", "91.53 / 1.24"]
+
+
+def test_beside_paper_gives_each_cell_its_spread_over_seeds_and_the_papers_number(reproduction_table):
+    rows = [{"record": "blended-preact", "defense": "d3", "acc": 0.8, "acc_std": 0.01, "asr": 0.2,
+             "asr_std": 0.3, "asr_min": 0.003, "asr_max": 0.5571, "der": 0.9, "der_std": 0.1},
+            {"record": "blended-preact", "defense": "ft", "acc": 0.85, "asr": 0.99, "der": 0.5}]
+    text = reproduction_table.beside_paper(rows, reproduction_table.paper_numbers(), "1", ["blended-preact"],
+                                           ["ft", "d3", "fst"])
+    header, _, ft, d3 = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()]
+    assert header[4] == "ASR min–max"
+    assert d3[2:6] == ["80.0 ± 1.0", "20.0 ± 30.0", "0.3–55.7", "90.0 ± 10.0"]
+    assert ft[4] == "–"  # no spread given: not made up
+    assert d3[6] == "92.29 / 0.22 / 99.26" and ft[6] == "92.78 / 96.11"
