@@ -13,6 +13,7 @@ import torch
 
 from .. import registry
 from ..attacks import TrainConfig, default_lr, train_model
+from ..attacks.training import MODEL_LR
 from ..attacks import input_aware as ia
 from ..attacks.flatness import measure_flatness
 from ..attacks.record import epoch_evaluator, flatness_batches, save_record
@@ -51,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="attack parameter, e.g. alpha=0.3 (repeatable; values parsed as YAML)")
     parser.add_argument("--train-size", type=int, default=None, help="train on a seeded subset of this size")
+    per_model = "; ".join(f"{model} {lr}" for model, lr in MODEL_LR.items())
     parser.add_argument("--lr", type=float, default=None,
-                        help="training lr (default 0.05; preactresnet18 0.01, BackdoorBench's; sam-flatten 0.01)")
+                        help=f"training lr (default {TrainConfig.lr}; {per_model}; sam-flatten {FlattenConfig.lr})")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
