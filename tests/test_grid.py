@@ -291,6 +291,6 @@ def test_the_shipped_reproduction_grid_file_plans(tmp_path):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "reproduction.yaml"
     planned = grids.load_grids(path, out=str(tmp_path))
     assert [g.out.name for g in planned] == ["table1", "table1_preact", "table5", "table6_7", "table3", "budget",
-                                             "budget_sau"]
-    assert sum(len(g.cells) for g in planned) == 480
+                                             "budget_sau", "budget_preact"]
+    assert sum(len(g.cells) for g in planned) == 486
     assert len({job.folder for g in planned for job in g.attacks}) == 14
