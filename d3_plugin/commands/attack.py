@@ -12,8 +12,7 @@ from typing import List
 import torch
 
 from .. import registry
-from ..attacks import TrainConfig, default_lr, train_model
-from ..attacks.training import MODEL_LR
+from ..attacks import MODEL_LR, TrainConfig, default_lr, train_model
 from ..attacks import input_aware as ia
 from ..attacks.flatness import measure_flatness
 from ..attacks.record import epoch_evaluator, flatness_batches, save_record
