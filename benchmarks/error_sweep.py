@@ -164,6 +164,9 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
     "install --uninstall, not installed": (["install", ".", "--uninstall"], None),
     "install --uninstall, a config edited": (["install", ".", "--uninstall"], lambda root: _install_then_edit(root, "config/defense/d3/mnist.yaml")),
     "install --defenses all, an edited fst.py": (["install", ".", "--defenses", "all"], lambda root: _install_then_edit(root, "defense/fst.py", "all")),
+    # --- issue 26
+    "defend --lr 1e308 (beyond float32)": (defend("--lr", "1e308"), None),
+    "defend, record's num_classes -3": (defend(), lambda root: _set_in_record(root, "num_classes", -3)),
     "list, a broken plugin installed": (["list"], lambda root: _broken_plugin(root), "success"),
     "attack --help, a broken plugin installed": (["attack", "--help"], lambda root: _broken_plugin(root), "success"),
 }
@@ -199,6 +202,13 @@ def _model_is_a_string(root: Path) -> None:
     path = root / "record/tiny/attack_result.pt"
     result = torch.load(path, weights_only=False)
     result["model"] = "not a state dict"
+    torch.save(result, path)
+
+
+def _set_in_record(root: Path, key: str, value) -> None:
+    path = root / "record/tiny/attack_result.pt"
+    result = torch.load(path, weights_only=False)
+    result[key] = value
     torch.save(result, path)
 
 

@@ -429,6 +429,14 @@ def make_config(entry: Entry, values: Mapping[str, Any]):
     return config
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # weights are float32: torch cannot take a larger lr or factor
+
+
+def fits_float32(value: float) -> bool:
+    """Not a finite number beyond float32's range (infinities and NaN are each check's own to judge)."""
+    return not FLOAT32_MAX < abs(value) < float("inf")
+
+
 # fields many configs share, checked for every defense: name → (test, what it must be)
 COMMON_FIELDS = {
     "batch_size": (lambda v: is_integer(v) and v >= 1, "an integer ≥ 1"),
@@ -455,6 +463,11 @@ def check_common(entry: Entry, config) -> None:
         value = getattr(config, name)
         if value is not None and not (is_integer(value) and value >= 0):
             raise ValueError(f"{entry.name}: {name} must be an integer ≥ 0, got {value!r}")
+    for name in field_names(entry.config):
+        value = getattr(config, name)
+        if isinstance(value, float) and not fits_float32(value):
+            raise ValueError(f"{entry.name}: {name} {value!r} is beyond float32's range (±{FLOAT32_MAX:.3g}); "
+                             f"pass a smaller value")
     for name, (valid, what) in COMMON_FIELDS.items():
         if hasattr(config, name) and not valid(getattr(config, name)):
             raise ValueError(f"{entry.name}: {name} must be {what}, got {getattr(config, name)!r}")

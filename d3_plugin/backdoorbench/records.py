@@ -73,10 +73,22 @@ def load_model_checkpoint(path: str | os.PathLike) -> tuple[Optional[str], Optio
         for key in ("model", "state_dict", "model_state_dict"):
             if _is_state_dict(loaded.get(key)):
                 num_classes = loaded.get("num_classes")
-                return (loaded.get("model_name"), int(num_classes) if num_classes is not None else None,
+                return (loaded.get("model_name"), class_count(num_classes, path) if num_classes is not None else None,
                         strip_module_prefix(loaded[key]))
     raise CheckpointError(f"{path} holds no model state dict (expected attack_result.pt, defense_result.pt "
                           f"or a state dict of tensors); pass a model checkpoint")
+
+
+def class_count(value, path) -> int:
+    """A file's `num_classes`: an integer ≥ 2 (a classifier needs two classes; a negative count breaks torch)."""
+    try:
+        whole = not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or value < 2:
+        raise CheckpointError(f"{path}: num_classes is {value!r}, not an integer ≥ 2; fix the file's num_classes "
+                              f"or re-create it")
+    return int(value)
 
 
 def _attack_file(path_or_folder: str | os.PathLike) -> Path:
@@ -106,6 +118,7 @@ def load_attack_result(path_or_record_folder: str | os.PathLike, data_root: Opti
     if not _is_state_dict(loaded["model"]):
         raise CheckpointError(f"{pt}: its `model` is a {type(loaded['model']).__name__}, not a state_dict of "
                               f"tensors; re-save the attack result with model.state_dict()")
+    num_classes = class_count(loaded["num_classes"], pt)
     folder = pt.resolve().parent
     root = _checkout_root(folder)
     name = spec_name(loaded["clean_data"])
@@ -119,7 +132,7 @@ def load_attack_result(path_or_record_folder: str | os.PathLike, data_root: Opti
     if load_bd_train and loaded["bd_train"] is not None:
         bd_train = rebuild_bd_set(loaded["bd_train"], clean_train, spec, root, folder, "bd_train")
     return AttackRecord(folder=folder, checkout_root=root, model_name=str(loaded["model_name"]),
-                        num_classes=int(loaded["num_classes"]), dataset=name, spec=spec,
+                        num_classes=num_classes, dataset=name, spec=spec,
                         img_size=tuple(int(v) for v in loaded["img_size"]),
                         state_dict=strip_module_prefix(loaded["model"]), clean_train=clean_train,
                         clean_test=clean_test, bd_test=bd_test, bd_train=bd_train, raw=_summary(loaded))
