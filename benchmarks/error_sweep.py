@@ -167,6 +167,12 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
     # --- issue 26
     "defend --lr 1e308 (beyond float32)": (defend("--lr", "1e308"), None),
     "defend, record's num_classes -3": (defend(), lambda root: _set_in_record(root, "num_classes", -3)),
+    "defend --resume maybe": (defend("--resume", "maybe"), None),
+    "defend --normalize maybe": (defend("--normalize", "maybe"), None),
+    "defend --bn_train 2": (defend("--bn_train", "2"), None),
+    "defend --yaml_path resume: maybe": (defend("--yaml_path", "r.yaml"), lambda root: (root / "r.yaml").write_text("resume: maybe\n")),
+    "script d3 --amp perhaps": (script("d3", "--amp", "perhaps"), None),
+    "compare --set d3.bn_train=maybe": (compare("--defenses", "d3", "--set", "d3.bn_train=maybe"), None),
     "list, a broken plugin installed": (["list"], lambda root: _broken_plugin(root), "success"),
     "attack --help, a broken plugin installed": (["attack", "--help"], lambda root: _broken_plugin(root), "success"),
 }

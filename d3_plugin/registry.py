@@ -40,6 +40,7 @@ This package's own entry points (setup.cfg) name the same objects its modules re
 """
 from __future__ import annotations
 
+import argparse
 import builtins
 import copy
 import dataclasses
@@ -421,6 +422,9 @@ def make_config(entry: Entry, values: Mapping[str, Any]):
             raise ValueError(f"{entry.name} takes no hyper-parameters, got {', '.join(sorted(values))}")
         return None
     _check_fields(entry, values, entry.name)
+    hints = type_hints(entry.config)
+    values = {k: parse_bool(v, f"{entry.name}: {k}") if v is not None and is_bool_hint(hints[k]) else v
+              for k, v in values.items()}
     try:
         config = entry.config(**values)
     except TypeError as error:
@@ -488,6 +492,30 @@ def parse_assignment(item: str, option: str, example: str) -> Tuple[str, Any]:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as error:
         raise ValueError(f"{option} {item!r}: invalid YAML value ({one_line(error)}); fix or quote it") from None
+
+
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+class NotABoolean(ValueError, argparse.ArgumentTypeError):
+    """A value parse_bool refuses (argparse prints the message as is)."""
+
+
+def parse_bool(value, name: str = "") -> bool:
+    """The one boolean parser of every front end (options, YAML values, --set): true/false, yes/no, 1/0 in any
+    case; anything else is refused, never read as false."""
+    if isinstance(value, bool):
+        return value
+    key = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if key not in BOOLEANS:
+        raise NotABoolean(f"{name + ' ' if name else ''}must be true or false (or yes/no, 1/0), got {value!r}")
+    return BOOLEANS[key]
+
+
+def is_bool_hint(hint) -> bool:
+    """bool or Optional[bool]."""
+    return hint is bool or (typing.get_origin(hint) is typing.Union and bool in typing.get_args(hint)
+                            and all(a in (bool, type(None)) for a in typing.get_args(hint)))
 
 
 def config_hash(payload: Mapping) -> str:

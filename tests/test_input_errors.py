@@ -31,3 +31,42 @@ def test_a_record_with_a_negative_class_count_is_refused(tmp_path):
                folder / "attack_result.pt")
     with pytest.raises(CheckpointError, match=r"num_classes is -3, not an integer ≥ 2"):
         load_attack_result(folder)
+
+
+# --- 2. one boolean parser ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("YES", True), ("1", True), (1, True),
+                                         ("false", False), ("No", False), ("0", False), (False, False)])
+def test_booleans_in_any_case(text, value):
+    assert registry.parse_bool(text) is value
+
+
+@pytest.mark.parametrize("text", ["maybe", "2", 2, "", 1.0, None, "truthy"])
+def test_anything_else_is_not_a_boolean(text):
+    with pytest.raises(ValueError, match="must be true or false"):
+        registry.parse_bool(text)
+
+
+@pytest.mark.parametrize("option", ["--resume", "--normalize", "--bn_train", "--amp"])
+def test_defend_refuses_a_boolean_option_that_is_not_one(capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        main(["defend", "--result_file", "record/none", option, "maybe"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and f"argument {option}" in last and "must be true or false" in last
+
+
+def test_a_boolean_in_a_yaml_file_or_set_is_parsed_the_same_way(tmp_path, capsys):
+    import argparse
+
+    from d3_plugin.backdoorbench.defense import defense_class
+    cls = defense_class("d3")
+    for text, refused in (("resume: maybe\n", "resume must be true or false"),
+                          ("normalize: 2\n", "normalize=2 is not a valid boolean")):
+        (tmp_path / "d3.yaml").write_text(text)
+        parser = argparse.ArgumentParser()
+        cls.add_arguments(parser)
+        with pytest.raises(ValueError, match=refused):
+            cls(parser.parse_args(["--yaml_path", str(tmp_path / "d3.yaml")]))
+    with pytest.raises(ValueError, match="d3: bn_train must be true or false"):
+        registry.build("d3", bn_train="maybe")
+    assert registry.build("d3", bn_train="no").config.bn_train is False

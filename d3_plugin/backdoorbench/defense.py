@@ -100,18 +100,13 @@ def standard_settings() -> Dict[str, Any]:
     return read_yaml(shipped_folder("configs") / STANDARD_YAML)
 
 
-def _flag(text) -> bool:
-    """BackdoorBench's boolean options: True/true/1 are true, anything else false."""
-    return text if isinstance(text, bool) else str(text) in ("True", "true", "1")
-
-
 def converter(hint) -> Callable[[Any], Any]:
     """A function turning a command-line string (or a YAML value) into a value of the type `hint`."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Union and len(args) == 1:
         return converter(args[0])
     if hint is bool:
-        return _flag
+        return registry.parse_bool
     if hint in (int, float, str):
         def scalar(value):
             return value if isinstance(value, hint) and not isinstance(value, bool) else hint(value)
@@ -204,7 +199,7 @@ class BackdoorBenchDefense:
         """Every option defaults to None (so the YAML decides) except --yaml_path."""
         for name, (kind, text) in STANDARD.items():
             spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if name == "data_root" else [])
-            parser.add_argument(*spellings, dest=name, type=_flag if kind == "flag" else kind, help=text)
+            parser.add_argument(*spellings, dest=name, type=registry.parse_bool if kind == "flag" else kind, help=text)
         parser.add_argument("--yaml_path", type=str, default=f"./config/defense/{cls.NAME}/config.yaml",
                             help="the config file (empty: the defaults only)")
         if cls.entry.presets:
@@ -226,6 +221,9 @@ class BackdoorBenchDefense:
         self.cli_values = {k: v for k, v in vars(args).items() if v is not None and k != "yaml_path"}
         self.cli_keys = set(self.cli_values)
         args.__dict__ = {**vars(args), **self.yaml_values, **self.cli_values}  # None: not set anywhere
+        for name in (n for n, (kind, _) in STANDARD.items() if kind == "flag"):  # YAML's too: "maybe" is no False
+            if getattr(args, name, None) not in (None, ""):
+                setattr(args, name, registry.parse_bool(getattr(args, name), name))
         args.terminal_info = sys.argv
         self.args = args
         self.result = None
@@ -284,7 +282,7 @@ class BackdoorBenchDefense:
         ratio = getattr(self.args, "ratio", None)
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < float(ratio) <= 1):
             raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}; e.g. --ratio 0.05")
-        if _flag(getattr(self.args, "resume", False)) and not takes_checkpoint(self.entry.run):
+        if getattr(self.args, "resume", None) and not takes_checkpoint(self.entry.run):
             raise ValueError(f"{self.entry.name} cannot resume a killed run (it keeps no epoch checkpoint); "
                              f"drop --resume")
         from ..auxiliary import parse_source
@@ -307,7 +305,7 @@ class BackdoorBenchDefense:
                     continue
                 if key == "precision":
                     return str(value)
-                return "auto" if _flag(value) else "fp32"
+                return "auto" if value else "fp32"
         return None
 
     def _describe_dataset(self, name: Optional[str], img_size=None) -> None:
@@ -464,7 +462,7 @@ class BackdoorBenchDefense:
         if not takes_checkpoint(self.entry.run):
             return {}
         path = self.resume_file()
-        if path.exists() and not _flag(getattr(self.args, "resume", False)):
+        if path.exists() and not getattr(self.args, "resume", None):
             path.unlink()
             logger.info("started over: removed the checkpoint of an earlier unfinished run (pass --resume to continue one)")
         elif path.exists():
@@ -559,6 +557,8 @@ def takes_checkpoint(function) -> bool:
 
 
 def _type_name(hint) -> str:
+    if registry.is_bool_hint(hint):
+        return "boolean: true/false, yes/no or 1/0"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Union and len(args) == 1:
         return _type_name(args[0])
