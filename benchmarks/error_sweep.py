@@ -173,6 +173,11 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
     "defend --yaml_path resume: maybe": (defend("--yaml_path", "r.yaml"), lambda root: (root / "r.yaml").write_text("resume: maybe\n")),
     "script d3 --amp perhaps": (script("d3", "--amp", "perhaps"), None),
     "compare --set d3.bn_train=maybe": (compare("--defenses", "d3", "--set", "d3.bn_train=maybe"), None),
+    "defend --index repeating one index": (defend("--index", "idx.txt"), lambda root: (root / "idx.txt").write_text("5\n5\n5\n")),
+    "compare --defenses ft,ft": (compare("--defenses", "ft,ft"), None),
+    "compare --defenses ft,FT": (compare("--defenses", "ft,FT"), None),
+    "install --defenses ''": (["install", ".", "--defenses", ""], None),
+    "compare --defenses bb:ft without --backdoorbench": (compare("--defenses", "bb:ft"), None),
     "list, a broken plugin installed": (["list"], lambda root: _broken_plugin(root), "success"),
     "attack --help, a broken plugin installed": (["attack", "--help"], lambda root: _broken_plugin(root), "success"),
 }

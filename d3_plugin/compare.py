@@ -64,13 +64,36 @@ def parse_seeds(seeds: Optional[str] = None, seed: Optional[int] = None) -> List
         raise ValueError("--seeds is empty; name at least one seed, e.g. --seeds 0,1,2")
     else:
         parsed = [_one_seed(part, seeds) for part in seeds.split(",")]
-    repeated = sorted({s for s in parsed if parsed.count(s) > 1})
-    if repeated:
-        raise ValueError(f"--seeds {seeds!r} repeats {', '.join(map(str, repeated))}; give each seed once")
+    refuse_repeats("--seeds", seeds, parsed, "seed")
     bad = [s for s in parsed if not 0 <= s <= MAX_SEED]
     if bad:
         raise ValueError(f"seed {bad[0]} is outside [0, {MAX_SEED}]")
     return parsed
+
+
+def refuse_repeats(option: str, given: str, items: Sequence, noun: str) -> None:
+    """One line for an option naming an item twice (rows of one table, or seeds, must be distinct)."""
+    repeated = list(dict.fromkeys(item for item in items if items.count(item) > 1))
+    if repeated:
+        raise ValueError(f"{option} {given!r} repeats {', '.join(map(str, repeated))}; give each {noun} once")
+
+
+def parse_defenses(text: str, backdoorbench: Optional[str] = None) -> List[str]:
+    """`--defenses a,bb:b` → the names, checked before any data is read: known, each once, and a checkout
+    for those BackdoorBench runs."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--defenses is empty; name at least one defense, e.g. --defenses d3,ft")
+    keys = []
+    for name in names:
+        forced = name.lower().startswith(BB_PREFIX)
+        entry = registry.get(name[len(BB_PREFIX):] if forced else name)
+        keys.append(BB_PREFIX * forced + entry.name)
+        if (forced or entry.where != "native") and backdoorbench is None:
+            raise ValueError(f"{name} runs as a BackdoorBench script; pass --backdoorbench PATH of a BackdoorBench "
+                             f"checkout, or drop it from --defenses")
+    refuse_repeats("--defenses", text, keys, "defense")
+    return names
 
 
 def _one_seed(text: str, seeds: str) -> int:

@@ -70,3 +70,37 @@ def test_a_boolean_in_a_yaml_file_or_set_is_parsed_the_same_way(tmp_path, capsys
     with pytest.raises(ValueError, match="d3: bn_train must be true or false"):
         registry.build("d3", bn_train="maybe")
     assert registry.build("d3", bn_train="no").config.bn_train is False
+
+
+# --- 3. degenerate inputs -----------------------------------------------------------------------------
+
+def test_an_index_file_repeating_an_index_is_refused(tmp_path):
+    from d3_plugin.backdoorbench.reserved import reserved_indices
+    (tmp_path / "idx.txt").write_text("7\n7\n7\n")
+    with pytest.raises(ValueError, match=r"repeats index 7 \(3 times\); list each index once"):
+        reserved_indices(100, index_file=str(tmp_path / "idx.txt"))
+    (tmp_path / "idx.txt").write_text("7\n3\n")
+    assert reserved_indices(100, index_file=str(tmp_path / "idx.txt")).tolist() == [7, 3]
+
+
+@pytest.mark.parametrize("defenses, expected", [
+    ("ft,ft", "--defenses 'ft,ft' repeats ft; give each defense once"),
+    ("ft,FT-SAM,ft_sam", "repeats ft-sam; give each defense once"),
+    ("bb:ft", "bb:ft runs as a BackdoorBench script; pass --backdoorbench PATH"),
+])
+def test_compare_refuses_repeated_or_unrunnable_defenses_before_reading_data(capsys, defenses, expected):
+    status, message = run(capsys, "compare", "--result_file", "no_such_record", "--defenses", defenses)
+    assert status == 2 and "\n" not in message and expected in message
+
+
+def test_compare_refuses_repeated_seeds_the_same_way(capsys):
+    status, message = run(capsys, "compare", "--result_file", "no_such_record", "--seeds", "0,0")
+    assert status == 2 and "--seeds '0,0' repeats 0; give each seed once" in message
+
+
+@pytest.mark.parametrize("defenses", ["", " , "])
+def test_install_refuses_an_empty_defense_list(tmp_path, capsys, defenses):
+    (tmp_path / "defense").mkdir()
+    status, message = run(capsys, "install", tmp_path, "--defenses", defenses)
+    assert status == 2 and "--defenses is empty" in message
+    assert list((tmp_path / "defense").iterdir()) == []

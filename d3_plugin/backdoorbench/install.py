@@ -83,7 +83,9 @@ def native_defenses() -> List[str]:
 
 def requested(names: Optional[Iterable[str]]) -> List[str]:
     """`--defenses` → registry names ("all": every native defense); one-line errors for the others."""
-    names = [n.strip().lower() for n in (names or ["d3"]) if n.strip()]
+    names = [n.strip().lower() for n in (["d3"] if names is None else names) if n.strip()]
+    if not names:
+        raise ValueError("--defenses is empty; name the native defenses to install, e.g. --defenses d3 (or all)")
     if names == ["all"]:
         return native_defenses()
     known = native_defenses()

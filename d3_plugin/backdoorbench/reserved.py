@@ -37,6 +37,10 @@ def read_index_file(path: str | os.PathLike, n: int) -> np.ndarray:
     if len(bad):
         raise ValueError(f"index file {path} holds {bad[0]}, outside the clean training set [0, {n}); "
                          f"use an index file made for this dataset")
+    values, counts = np.unique(index, return_counts=True)
+    if (counts > 1).any():  # a repeated image would weigh more, or make a one-image "set"
+        raise ValueError(f"index file {path} repeats index {values[counts > 1][0]} ({counts.max()} times); "
+                         f"list each index once")
     return index
 
 

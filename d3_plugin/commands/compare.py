@@ -49,18 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from ..auxiliary import parse_source
     from ..backdoorbench.records import load_attack_result
     from .. import registry
-    from ..compare import (BB_PREFIX, bench_from_record, check_overrides, compare, parse_overrides, parse_seeds,
+    from ..compare import (bench_from_record, check_overrides, compare, parse_defenses, parse_overrides, parse_seeds,
                            text_table)
 
     if not args.result_file:
         raise ValueError("--result_file is required: an attack record folder (record/<attack>) or its attack_result.pt")
     if args.epochs is not None and args.epochs < 0:
         raise ValueError(f"--epochs must be ≥ 0, got {args.epochs}")
-    names = [n.strip() for n in args.defenses.split(",") if n.strip()]
-    if not names:
-        raise ValueError("--defenses is empty; name at least one defense, e.g. --defenses d3,ft")
-    for name in names:  # unknown names fail here, in one line, before any data is read
-        registry.get(name[len(BB_PREFIX):] if name.lower().startswith(BB_PREFIX) else name)
+    names = parse_defenses(args.defenses, args.backdoorbench)
     overrides = parse_overrides(args.overrides)
     check_overrides(overrides)
     seeds = parse_seeds(args.seeds, args.seed)
