@@ -178,6 +178,9 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
     "compare --defenses ft,FT": (compare("--defenses", "ft,FT"), None),
     "install --defenses ''": (["install", ".", "--defenses", ""], None),
     "compare --defenses bb:ft without --backdoorbench": (compare("--defenses", "bb:ft"), None),
+    "demo --epochs -1": (["demo", "--out", "runs/demo", "--epochs", "-1"], None),
+    "demo --lr nan": (["demo", "--out", "runs/demo", "--lr", "nan"], None),
+    "demo --train-size 0": (["demo", "--out", "runs/demo", "--train-size", "0"], None),
     "list, a broken plugin installed": (["list"], lambda root: _broken_plugin(root), "success"),
     "attack --help, a broken plugin installed": (["attack", "--help"], lambda root: _broken_plugin(root), "success"),
 }

@@ -44,6 +44,19 @@ class DemoConfig:
     reserved_ratio: float = 0.05
     curve_samples: int = 2000  # per-epoch curves use this many clean and poisoned test images
 
+    def defense_overrides(self, name: str) -> Dict:
+        return {"lr": self.defense_lr} if "lr" in registry.field_names(registry.get(name).config) else {}
+
+    def check(self) -> None:
+        """Every setting checked, in one line, before any data is read or model trained."""
+        if self.train_size is not None and not (registry.is_integer(self.train_size) and self.train_size >= 1):
+            raise ValueError(f"--train-size must be an integer ≥ 1 (leave it out for all images), got {self.train_size}")
+        if not (registry.is_integer(self.attack.epochs) and self.attack.epochs >= 1):
+            raise ValueError(f"--attack-epochs must be an integer ≥ 1, got {self.attack.epochs}")
+        for name in self.defenses:  # the registry checks the budget, lr and seed as compare will use them
+            registry.build(name, "fashion_mnist", model=self.model, budget=self.defense_epochs,
+                           run={"seed": self.seed}, **self.defense_overrides(name))
+
 
 def _cache_key(config: DemoConfig) -> str:
     keys = ("model", "poison_ratio", "target", "train_size", "seed")
@@ -87,6 +100,7 @@ def plot_curves(rows: List[Dict], path: Path) -> Path:
 
 
 def run_demo(config: DemoConfig) -> List[Dict]:
+    config.check()
     seed_everything(config.seed)
     device = resolve_device(config.device)
     out = ensure_writable(config.out)
@@ -104,8 +118,7 @@ def run_demo(config: DemoConfig) -> List[Dict]:
                   config.seed, identity={"demo": _cache_key(config), "reserved": len(index)},
                   model_name=config.model)
     bench.track = _curve_tracker(bench, config.curve_samples)
-    overrides = {name: {"lr": config.defense_lr} for name in config.defenses
-                 if "lr" in registry.field_names(registry.get(name).config)}
+    overrides = {name: config.defense_overrides(name) for name in config.defenses}
     rows = compare(bench, list(config.defenses), epochs=config.defense_epochs, overrides=overrides, out=out)
     plot_curves(rows, out / "curves.png")
     print(text_table(rows))

@@ -104,3 +104,22 @@ def test_install_refuses_an_empty_defense_list(tmp_path, capsys, defenses):
     status, message = run(capsys, "install", tmp_path, "--defenses", defenses)
     assert status == 2 and "--defenses is empty" in message
     assert list((tmp_path / "defense").iterdir()) == []
+
+
+# --- 4. demo checks its settings before any work ------------------------------------------------------
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--epochs", "-1"], "epochs must be an integer ≥ 0, got -1"),
+    (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    (["--train-size", "0"], "--train-size must be an integer ≥ 1"),
+    (["--attack-epochs", "0"], "--attack-epochs must be an integer ≥ 1"),
+])
+def test_demo_refuses_bad_settings_before_reading_data(tmp_path, capsys, monkeypatch, argv, expected):
+    import d3_plugin.demo
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the demo started work before checking its settings")
+    monkeypatch.setattr(d3_plugin.demo, "load_dataset", no_work)
+    status, message = run(capsys, "demo", "--out", tmp_path / "demo", "--device", "cpu", *argv)
+    assert status == 2 and expected in message
+    assert not (tmp_path / "demo").exists()
