@@ -181,6 +181,8 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
     "demo --epochs -1": (["demo", "--out", "runs/demo", "--epochs", "-1"], None),
     "demo --lr nan": (["demo", "--out", "runs/demo", "--lr", "nan"], None),
     "demo --train-size 0": (["demo", "--out", "runs/demo", "--train-size", "0"], None),
+    "grid --table-only, a cell's result.json truncated": (["grid", "g.yaml", "--table-only"],
+                                                         lambda root: _grid_with_a_truncated_cell(root), "success"),
     "list, a broken plugin installed": (["list"], lambda root: _broken_plugin(root), "success"),
     "attack --help, a broken plugin installed": (["attack", "--help"], lambda root: _broken_plugin(root), "success"),
 }
@@ -287,6 +289,12 @@ def _broken_plugin(root: Path) -> None:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[backdoorbench.defenses]\nwrong = broken_plugin:wrong\n"
                                            "[backdoorbench.attacks]\nmissing = broken_plugin:missing\n")
+
+
+def _grid_with_a_truncated_cell(root: Path) -> None:
+    (root / "g.yaml").write_text("epochs: 0\ndevice: cpu\nattacks: [{record: record/tiny}]\ndefenses: [ft]\nseeds: [0]\n")
+    subprocess.run([D3_PLUGIN, "grid", "g.yaml"], cwd=root, check=True, capture_output=True)
+    _truncate(next((root / "g/cells").rglob("ft/*/result.json")), 50)
 
 
 def _first_png(root: Path) -> Path:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,11 +401,11 @@ def record_is_current(job: AttackJob) -> bool:
 
 
 def run_cell(cell: Cell, out: str, threads: Optional[int] = None) -> Dict[str, Any]:
-    """Run one cell unless its folder exists; returns its result (metrics or error)."""
+    """Run one cell unless it finished before; returns its result (metrics or error)."""
     final = cell.path(Path(out))
-    done = final / "result.json"
-    if done.is_file():
-        return {**json.loads(done.read_text()), "skipped": True}
+    done = read_cell(final)
+    if done is not None:
+        return {**done, "skipped": True}
     set_threads(threads)
     result = _cell_identity(cell)
     try:
@@ -413,6 +414,29 @@ def run_cell(cell: Cell, out: str, threads: Optional[int] = None) -> Dict[str, A
         return {**result, "error": f"{type(failure).__name__}: {one_line(failure)}"}
     _publish(final, result)
     return result
+
+
+CELL_KEYS = {"record", "defense", "seed", "config_hash", "error"}  # what every result.json holds
+
+
+def read_cell(final: Path) -> Optional[Dict[str, Any]]:
+    """A finished cell's result, or None. A corrupt one (truncated, edited) is named on stderr and its folder
+    moved aside to `<folder>.corrupt-<stamp>`: the cell counts as not run (a grid runs it again)."""
+    done = final / "result.json"
+    if not done.is_file():
+        return None
+    try:
+        result = json.loads(done.read_text(encoding="utf-8"))
+        problem = "" if isinstance(result, dict) and CELL_KEYS <= set(result) else "not a cell result"
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        problem = one_line(error)
+    if not problem:
+        return result
+    aside = final.with_name(f"{final.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    final.rename(aside)
+    print(f"warning: {done} is corrupt ({problem}); moved its cell aside to {aside.name}, it counts as not run",
+          file=sys.stderr)
+    return None
 
 
 def _cell_identity(cell: Cell) -> Dict[str, Any]:
@@ -558,8 +582,7 @@ def finished_rows(grid: Grid) -> Tuple[List[Dict[str, Any]], int]:
     """The run rows of the cells already finished (plan order), and how many cells are not: a table of a grid
     that is still running, or was stopped, without running anything."""
     cells = no_defense_cells(grid) + grid.cells
-    done = [cell.path(grid.out) / "result.json" for cell in cells]
-    results = [json.loads(path.read_text()) for path in done if path.is_file()]
+    results = [r for r in (read_cell(cell.path(grid.out)) for cell in cells) if r is not None]
     return table_rows(results), len(cells) - len(results)
 
 

@@ -123,3 +123,38 @@ def test_demo_refuses_bad_settings_before_reading_data(tmp_path, capsys, monkeyp
     status, message = run(capsys, "demo", "--out", tmp_path / "demo", "--device", "cpu", *argv)
     assert status == 2 and expected in message
     assert not (tmp_path / "demo").exists()
+
+
+# --- 5. a corrupt grid cell is named, set aside and counts as not run ---------------------------------
+
+def _grid_with_two_cells(out):
+    from d3_plugin import grid
+    from d3_plugin.files import write_json
+    cells = [grid.Cell("tiny", "record/tiny", name, name, {}, 0, {"ratio": 0.05, "device": "cpu"}, key=key)
+             for name, key in (("ft", "aaa"), ("d3", "bbb"))]
+    for cell in cells:
+        write_json(cell.path(out) / "result.json", {**grid._cell_identity(cell), "acc": 0.9, "asr": 0.1, "ra": 0.8,
+                                                    "seconds": 1.0})
+    (cells[1].path(out) / "result.json").write_text('{"record": "tiny", "def')  # truncated
+    return grid.Grid(out, [0], [], cells), cells
+
+
+def test_a_truncated_cell_is_named_set_aside_and_left_out_of_the_table(tmp_path, capsys):
+    from d3_plugin import grid
+    plan, cells = _grid_with_two_cells(tmp_path)
+    rows, pending = grid.finished_rows(plan)
+    assert [r["defense"] for r in rows] == ["ft"] and pending == 1
+    warning = capsys.readouterr().err
+    assert "warning:" in warning and "bbb/result.json is corrupt" in warning and "counts as not run" in warning
+    assert not cells[1].path(tmp_path).exists()
+    assert len(list(cells[1].path(tmp_path).parent.glob("seed0-bbb.corrupt-*/result.json"))) == 1
+
+
+def test_a_truncated_cell_is_run_again(tmp_path, monkeypatch):
+    from d3_plugin import grid
+    plan, cells = _grid_with_two_cells(tmp_path)
+    monkeypatch.setattr(grid, "_measure", lambda cell: {"acc": 0.5, "asr": 0.2, "ra": 0.4, "seconds": 2.0})
+    assert grid.run_cell(cells[0], str(tmp_path))["skipped"]
+    again = grid.run_cell(cells[1], str(tmp_path))
+    assert "skipped" not in again and again["acc"] == 0.5
+    assert grid.read_cell(cells[1].path(tmp_path))["acc"] == 0.5
