@@ -11,7 +11,9 @@ list` and the installed `python defense/<name>.py` scripts — and checks, per c
   failed run left the first run's `defense/d3/` byte for byte as it was (no partial or mixed folder);
 - unsafe loads: hostile pickles (attack_result.pt, --checkpoint_load, a CIFAR batch) would create the file
   PWNED if anything unpickled them unsafely;
-- lost user edits: install cases that edited a file of ours check the edit is still there.
+- lost user edits: install cases that edited a file of ours check the edit is still there;
+- staging left: no hidden `record/*/defense/.<name>.partial-*` folder remains (a failed run removes its own,
+  and every run those of killed runs).
 Prints one row per case and the totals; exits 1 when any case misses its expectation.
 """
 from __future__ import annotations
@@ -183,6 +185,9 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
     "demo --train-size 0": (["demo", "--out", "runs/demo", "--train-size", "0"], None),
     "grid --table-only, a cell's result.json truncated": (["grid", "g.yaml", "--table-only"],
                                                          lambda root: _grid_with_a_truncated_cell(root), "success"),
+    "defend, a killed run's staging folder left": (defend(), lambda root: _stale_staging(root), "success"),
+    "defend --index out of range, a killed run's staging folder left": (defend("--index", "idx.txt"),
+                                                                         lambda root: _stale_staging(root, "99999999\n")),
     "list, a broken plugin installed": (["list"], lambda root: _broken_plugin(root), "success"),
     "attack --help, a broken plugin installed": (["attack", "--help"], lambda root: _broken_plugin(root), "success"),
 }
@@ -297,6 +302,19 @@ def _grid_with_a_truncated_cell(root: Path) -> None:
     _truncate(next((root / "g/cells").rglob("ft/*/result.json")), 50)
 
 
+def _stale_staging(root: Path, index: str = "") -> None:
+    """The hidden staging folder of a killed run (its process is gone); an index file."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (root / f"record/tiny/defense/.d3.partial-20200101-000000-{dead.pid}/log").mkdir(parents=True)
+    (root / "idx.txt").write_text(index)
+
+
+def staging_left(root: Path) -> bool:
+    """A run's hidden staging folder left behind (a failed run removes its own, a run those of killed ones)."""
+    return any(root.glob("record/*/defense/.*.partial-*"))
+
+
 def _first_png(root: Path) -> Path:
     return next((root / "record/tiny").rglob("*.png"))
 
@@ -369,7 +387,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     base = make_checkout(args.work)
     totals = {"cases": 0, "as expected": 0, "one-line": 0, "traceback": 0, "partial or mixed": 0,
-              "unsafe loads": 0, "lost user edits": 0}
+              "staging left": 0, "unsafe loads": 0, "lost user edits": 0}
     print("| case | outcome | expected | exit | last stderr line |\n|---|---|---|---|---|")
     for name, (command, prepare, *expected) in CASES.items():
         expected = expected[0] if expected else "one-line"
@@ -384,6 +402,8 @@ def main(argv=None) -> int:
         problems = []
         if partial_or_mixed(root) or (done.returncode != 0 and fingerprint(root / "record/tiny/defense/d3") != first_run):
             problems.append("partial or mixed")
+        if staging_left(root):
+            problems.append("staging left")
         if (root / "PWNED").exists():
             problems.append("unsafe loads")
         edited = root / ".edited"

@@ -3,6 +3,7 @@ never sees half a file and a failed run leaves no partial output."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -32,18 +33,46 @@ def ensure_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class StagedFolder:
     """A result folder built aside and swapped in whole, so a reader of `final` sees the previous complete
-    run or the new one, never a mix: files go to the hidden sibling `.NAME.partial-<stamp>`, and `publish`
-    moves the old `final` aside, renames the staging folder to `final`, then deletes the old one. A run
-    that dies leaves only its hidden staging folder (with its log) behind."""
+    run or the new one, never a mix: files go to the hidden sibling `.NAME.partial-<time>-<pid>`, and
+    `publish` moves the old `final` aside, renames the staging folder to `final`, then deletes the old one.
+    A run that fails calls `discard`; one that is killed (or interrupted) leaves its hidden staging folder
+    (with its log) behind, for `remove_stale` of a later run."""
 
     def __init__(self, final: str | os.PathLike):
         self.final = Path(final)
         self.stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
         self.staging = self.final.with_name(f".{self.final.name}.partial-{self.stamp}")
+        self.publishing = False
+
+    def remove_stale(self) -> None:
+        """Remove the staging folders of earlier runs into `final` whose process is gone; one whose process
+        is alive is another run in progress and is kept."""
+        for folder in self.final.parent.glob(f".{glob.escape(self.final.name)}.partial-*"):
+            pid = folder.name.rsplit("-", 1)[-1]
+            if folder != self.staging and pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove the staging folder of a run that failed (not after a failed publish: it holds the finished
+        run, which the error names)."""
+        if not self.publishing:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def publish(self) -> Path:
+        self.publishing = True
         replaced = self.final.with_name(f".{self.final.name}.replaced-{self.stamp}")
         try:
             if self.final.exists():

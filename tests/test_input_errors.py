@@ -158,3 +158,72 @@ def test_a_truncated_cell_is_run_again(tmp_path, monkeypatch):
     again = grid.run_cell(cells[1], str(tmp_path))
     assert "skipped" not in again and again["acc"] == 0.5
     assert grid.read_cell(cells[1].path(tmp_path))["acc"] == 0.5
+
+
+# --- 6. staging folders of failed and killed runs -------------------------------------------------------
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_run_removes_the_staging_folders_of_dead_runs_only(tmp_path):
+    import os
+
+    from d3_plugin.files import StagedFolder
+    final = tmp_path / "defense" / "d3"
+    dead = final.with_name(f".d3.partial-20200101-000000-{_dead_pid()}")
+    alive = final.with_name(f".d3.partial-20200101-000000-{os.getppid()}")  # another run in progress
+    other = final.with_name(f".fst.partial-20200101-000000-{_dead_pid()}")  # another defense's: not ours to judge
+    replaced = final.with_name(f".d3.replaced-20200101-000000-{_dead_pid()}")  # may hold the only previous run
+    for folder in (dead, alive, other, replaced):
+        (folder / "log").mkdir(parents=True)
+    StagedFolder(final).remove_stale()
+    assert not dead.exists() and alive.exists() and other.exists() and replaced.exists()
+
+
+def _failing_run(tmp_path, error):
+    import argparse
+
+    from d3_plugin.backdoorbench.defense import defense_class
+    from d3_plugin.files import StagedFolder
+    run = object.__new__(defense_class("d3"))
+    run.args = argparse.Namespace(log=str(tmp_path / "log"))
+    run.staged = StagedFolder(tmp_path / "defense" / "d3")
+    run.staged.staging.mkdir(parents=True)
+    run.set_result = lambda result_file: None
+    run.set_logger = lambda: None
+
+    def fails():
+        raise error
+    run.mitigation = fails
+    with pytest.raises(type(error)):
+        run.defense("record/x")
+    return run.staged.staging
+
+
+def test_a_failed_run_removes_its_staging_folder(tmp_path):
+    assert not _failing_run(tmp_path, ValueError("bad data")).exists()
+
+
+def test_an_interrupted_run_keeps_its_log_for_a_later_run_to_remove(tmp_path):
+    assert _failing_run(tmp_path, KeyboardInterrupt()).exists()
+
+
+def test_a_failed_publish_keeps_the_finished_run_it_names(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from d3_plugin.files import OutputNotWritable, StagedFolder
+    staged = StagedFolder(tmp_path / "d3")
+    staged.staging.mkdir()
+
+    def refuse(self, target):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Path, "rename", refuse)
+    with pytest.raises(OutputNotWritable, match=str(staged.staging)):
+        staged.publish()
+    staged.discard()
+    assert staged.staging.exists()

@@ -329,6 +329,16 @@ class BackdoorBenchDefense:
         final = Path(record.folder) / "defense" / self.NAME
         outputs.ensure_writable(final.parent)
         self.staged = outputs.StagedFolder(final)  # the run builds aside; _write swaps it in whole
+        self.staged.remove_stale()  # those of killed runs
+        try:
+            self._prepare_staging(record)
+        except Exception:
+            self.staged.discard()
+            raise
+
+    def _prepare_staging(self, record) -> None:
+        """Point save_path (and, unless given, checkpoint_save and log) into the staging folder; the config
+        again, now with the record's dataset and architecture."""
         staging, args = self.staged.staging, self.args
         args.save_path = f"{staging}/"
         self.default_folders = {k: sub for k, sub in (("checkpoint_save", "checkpoint"), ("log", "log"))
@@ -516,9 +526,13 @@ class BackdoorBenchDefense:
         self.set_logger()
         try:
             return self.mitigation()
-        except BaseException as error:  # Ctrl-C too: logged, and the folder keeps the previous complete run
-            logger.error("%s: %s; %s keeps its previous results, this run's log is in %s",
-                         type(error).__name__, str(error) or "interrupted", self.staged.final, self.args.log)
+        except Exception as error:  # the folder keeps the previous complete run; this run's files go
+            logger.error("%s: %s; %s keeps its previous results", type(error).__name__, error, self.staged.final)
+            self.staged.discard()
+            raise
+        except BaseException:  # Ctrl-C: the log stays with the run's staging folder (a later run removes it)
+            logger.error("interrupted; %s keeps its previous results, this run's log is in %s", self.staged.final,
+                         self.args.log)
             raise
 
 
