@@ -188,6 +188,8 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
     "defend, a killed run's staging folder left": (defend(), lambda root: _stale_staging(root), "success"),
     "defend --index out of range, a killed run's staging folder left": (defend("--index", "idx.txt"),
                                                                          lambda root: _stale_staging(root, "99999999\n")),
+    "compare --out in use by another run": (compare("--defenses", "ft", "--out", "cmp"), lambda root: _hold_lock(root / "cmp")),
+    "grid, its out in use by another run": (["grid", "g.yaml"], lambda root: _hold_lock(root / "g", grid=True)),
     "list, a broken plugin installed": (["list"], lambda root: _broken_plugin(root), "success"),
     "attack --help, a broken plugin installed": (["attack", "--help"], lambda root: _broken_plugin(root), "success"),
 }
@@ -313,6 +315,25 @@ def _stale_staging(root: Path, index: str = "") -> None:
 def staging_left(root: Path) -> bool:
     """A run's hidden staging folder left behind (a failed run removes its own, a run those of killed ones)."""
     return any(root.glob("record/*/defense/.*.partial-*"))
+
+
+HOLD_LOCK = """import fcntl, os, sys, time
+os.makedirs(sys.argv[1], exist_ok=True)
+with open(os.path.join(sys.argv[1], ".d3-plugin.lock"), "a+") as f:  # as files.folder_lock takes it
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("held", flush=True)
+    while os.path.isdir(sys.argv[1]):  # until the sweep removes this case's copy
+        time.sleep(0.2)
+"""
+
+
+def _hold_lock(folder: Path, grid: bool = False) -> None:
+    """Another run writing `folder` (a process holding its lock)."""
+    if grid:
+        (folder.parent / "g.yaml").write_text("epochs: 0\ndevice: cpu\nattacks: [{record: record/tiny}]\n"
+                                              "defenses: [ft]\n")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
 
 
 def _first_png(root: Path) -> Path:

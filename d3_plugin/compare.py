@@ -19,6 +19,7 @@ and its `record/<result_file>/defense/<name>/<name>_df_summary.csv` is read back
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from . import registry
 from .bench import Bench, bench_from_record  # noqa: F401 — bench_from_record is part of this module's API
 from .evaluation import summarize
-from .files import ensure_writable, write_bytes, write_json, write_text
+from .files import folder_lock, write_bytes, write_json, write_text
 
 METRICS = ("acc", "asr", "ra", "der", "seconds")
 COLUMNS = ("defense", "seed", *METRICS, "config_hash", "reserved", "error")  # one run (seed) of a defense
@@ -257,10 +258,17 @@ def compare(bench: Union[Bench, Sequence[Bench]], names: Sequence[str], *, epoch
             runner: Callable = subprocess.run, echo: Callable[[str], None] = print) -> List[Dict]:
     """Run every defense in `names` on the bench, or on each bench of a list (one per seed, e.g.
     `bench_from_record(record, seed=s)`); returns the run rows (no-defense row first, then seed by
-    seed) and, with `out`, writes compare.{md,csv,json,png} and the cache there. `aggregate(rows)`
-    gives the per-defense mean ± std over seeds."""
-    benches = _benches(bench)
-    out = ensure_writable(out) if out is not None else None
+    seed) and, with `out`, writes compare.{md,csv,json,png} and the cache there, holding the folder's lock
+    (files.folder_lock: a second run into it is refused). `aggregate(rows)` gives the per-defense mean ± std
+    over seeds."""
+    with folder_lock(out) if out is not None else contextlib.nullcontext():
+        return _compare(_benches(bench), names, epochs=epochs, out=out, overrides=overrides,
+                        backdoorbench=backdoorbench, bb_device=bb_device, bb_python=bb_python, runner=runner,
+                        echo=echo)
+
+
+def _compare(benches, names, *, epochs, out, overrides, backdoorbench, bb_device, bb_python, runner, echo):
+    out = Path(out) if out is not None else None
     cache = _load_cache(out)
     overrides = {k.lower(): v for k, v in (overrides or {}).items()}
     before_row = _no_defense_row(benches[0], cache)

@@ -44,6 +44,39 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+LOCK = ".d3-plugin.lock"
+
+
+class FolderInUse(OSError):
+    """Another process holds the output folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, option: str = "--out") -> Iterator[Path]:
+    """Hold an advisory lock (fcntl.flock on `folder/.d3-plugin.lock`) for the `with`: a second run writing
+    the same folder is refused in one line instead of overwriting the first's tables. The system releases
+    it when the process ends, however it ends; the file stays (removing it would race)."""
+    import fcntl
+
+    path = ensure_writable(folder) / LOCK
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise FolderInUse(f"{folder} is in use by another run (pid {holder} holds {path}); wait for it to "
+                          f"finish, or pass another {option}") from None
+    try:
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield path
+    finally:
+        handle.close()
+
+
 class StagedFolder:
     """A result folder built aside and swapped in whole, so a reader of `final` sees the previous complete
     run or the new one, never a mix: files go to the hidden sibling `.NAME.partial-<time>-<pid>`, and

@@ -227,3 +227,64 @@ def test_a_failed_publish_keeps_the_finished_run_it_names(tmp_path, monkeypatch)
         staged.publish()
     staged.discard()
     assert staged.staging.exists()
+
+
+# --- 7. one run at a time per output folder -------------------------------------------------------------
+
+HOLD = """import fcntl, os, sys, time
+os.makedirs(sys.argv[1])
+with open(os.path.join(sys.argv[1], ".d3-plugin.lock"), "a+") as f:  # what files.folder_lock takes
+    fcntl.flock(f, fcntl.LOCK_EX)
+    f.write(str(os.getpid()))
+    f.flush()
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def held(tmp_path):
+    """An output folder whose lock another process holds (killed at the end: the system releases it)."""
+    import subprocess
+    import sys
+    folder = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    yield folder
+    holder.kill()
+    holder.wait()
+
+
+def test_a_folder_in_use_is_refused_then_free_once_its_holder_dies(held):
+    import os
+    import signal
+    import time
+
+    from d3_plugin.files import FolderInUse, folder_lock
+    with pytest.raises(FolderInUse, match=r"is in use by another run \(pid \d+ holds .*\.d3-plugin\.lock\); wait"):
+        with folder_lock(held):
+            pass
+    os.kill(int((held / ".d3-plugin.lock").read_text()), signal.SIGKILL)
+    for _ in range(100):
+        try:
+            with folder_lock(held):
+                return
+        except FolderInUse:
+            time.sleep(0.05)
+    raise AssertionError("the lock outlived its holder")
+
+
+def test_compare_refuses_an_out_folder_in_use(held):
+    from d3_plugin.compare import compare
+    from d3_plugin.files import FolderInUse
+    with pytest.raises(FolderInUse, match="pass another --out"):
+        compare([], ["ft"], out=held)
+
+
+def test_grid_refuses_an_out_folder_in_use_but_tabulates_it(held, tmp_path, capsys):
+    (tmp_path / "record" / "tiny").mkdir(parents=True)
+    (tmp_path / "record" / "tiny" / "attack_result.pt").touch()
+    (tmp_path / "g.yaml").write_text(f"attacks: [{{record: {tmp_path / 'record' / 'tiny'}}}]\ndefenses: [ft]\n")
+    status, message = run(capsys, "grid", tmp_path / "g.yaml", "--out", held)
+    assert status == 2 and "is in use by another run" in message and "\n" not in message
+    assert run(capsys, "grid", tmp_path / "g.yaml", "--out", held, "--table-only")[0] == 0

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from ..files import folder_lock
     from ..grid import LocalPool, RayPool, load_grids, record_is_current, run_grid
 
     grids = load_grids(args.config, args.out, args.only)
@@ -46,10 +49,13 @@ def run(args: argparse.Namespace) -> int:
     pool = (RayPool(args.address, args.cpus_per_task, args.gpus_per_task) if args.executor == "ray"
             else LocalPool(args.workers))
     failed = False
-    for grid in grids:
-        rows = run_grid(grid, pool)
-        print((grid.out / "grid.md").read_text())
-        failed = failed or any(row["error"] for row in rows)
+    with contextlib.ExitStack() as locks:  # a second grid into the same folders is refused (--table-only is not)
+        for grid in grids:
+            locks.enter_context(folder_lock(grid.out))
+        for grid in grids:
+            rows = run_grid(grid, pool)
+            print((grid.out / "grid.md").read_text())
+            failed = failed or any(row["error"] for row in rows)
     return 1 if failed else 0
 
 
