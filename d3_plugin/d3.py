@@ -85,6 +85,10 @@ class D3Config:
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{option} must be an integer ≥ {least}, got {value!r}")
+        if self.layers is not None and (isinstance(self.layers, str) or not self.layers
+                                        or not all(isinstance(n, str) and n.strip() for n in self.layers)):
+            raise ValueError(f"layers must name modules, e.g. --layers fc (leave it out for every nn.Linear), "
+                             f"got {self.layers!r}")
         check_precision(self.precision)
         for option in ("eval_every", "eval_batch_size"):
             value = getattr(self, option)

@@ -50,7 +50,8 @@ class DemoConfig:
     def check(self) -> None:
         """Every setting checked, in one line, before any data is read or model trained."""
         if self.train_size is not None and not (registry.is_integer(self.train_size) and self.train_size >= 1):
-            raise ValueError(f"--train-size must be an integer ≥ 1 (leave it out for all images), got {self.train_size}")
+            raise ValueError(f"--train-size must be an integer ≥ 1 (leave it out for all images), "
+                             f"got {self.train_size}")
         if not (registry.is_integer(self.attack.epochs) and self.attack.epochs >= 1):
             raise ValueError(f"--attack-epochs must be an integer ≥ 1, got {self.attack.epochs}")
         for name in self.defenses:  # the registry checks the budget, lr and seed as compare will use them

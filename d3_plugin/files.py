@@ -16,6 +16,21 @@ from typing import Iterator
 import numpy as np
 
 
+def check_file(path: str | os.PathLike, fix: str, label: str = "") -> Path:
+    """`path` if it is a regular file (or a link to one); else one line saying what it is instead, then `fix`."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    named = f"{label} {path}".strip()
+    if path.is_dir():
+        raise IsADirectoryError(f"{named} is a folder, expected a file; {fix}")
+    if path.exists():
+        raise OSError(f"{named} is not a regular file (a device, pipe or socket); {fix}")
+    if path.is_symlink():
+        raise FileNotFoundError(f"{named} is a link to {os.readlink(path)}, which does not exist; {fix}")
+    raise FileNotFoundError(f"{named} does not exist; {fix}")
+
+
 class OutputNotWritable(PermissionError):
     """An output folder cannot be created or written to."""
 

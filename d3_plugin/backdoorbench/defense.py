@@ -43,6 +43,7 @@ from ..bench import bench_from_record, with_auxiliary
 from ..data.readers import dataset_spec
 from ..errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, one_line
 from ..evaluation import defense_effectiveness_rate
+from ..files import check_file
 from ..precision import PRECISIONS, resolve_precision
 from ..shipped import shipped_folder
 from ..training import due, resolve_device
@@ -137,10 +138,8 @@ def read_yaml(path, name: str = "<name>") -> dict:
     """A defense config file as a dict; one-line errors for a missing or malformed file."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; pass --yaml_path (e.g. "
-                                f"./config/defense/{name}/cifar10.yaml after `d3-plugin install .`)")
+    path = check_file(path, f"pass --yaml_path (e.g. ./config/defense/{name}/cifar10.yaml after `d3-plugin "
+                            f"install .`)", "config file")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..files import check_file
+
 
 class EmptyReservedSet(ValueError):
     """The reserved set would hold no sample."""
@@ -27,8 +29,7 @@ def draw_reserved(n: int, ratio: float, seed: int = 0) -> np.ndarray:
 
 def read_index_file(path: str | os.PathLike, n: int) -> np.ndarray:
     """Indices from a text file (one integer a line, as `np.savetxt(fmt='%d')` writes them)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"index file {path} not found; pass an existing file to --index")
+    check_file(path, "pass a file of indices to --index", "index file")
     try:
         index = np.loadtxt(path, dtype=np.int64, ndmin=1)
     except ValueError:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import check_file
+
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read (missing, truncated, corrupt, or not what we expected)."""
@@ -50,9 +52,7 @@ _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL (\S+)|unrecognized function (.+?)(?: wh
 
 def safe_torch_load(path: str | os.PathLike):
     """`torch.load` of a trusted-format file, refusing anything but tensors, containers, numpy and PIL data."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; check the path (a record folder holds attack_result.pt)")
+    path = check_file(path, "check the path (a record folder holds attack_result.pt)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty; re-run the attack/defense that writes it")
     try:
