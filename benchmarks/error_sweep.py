@@ -190,6 +190,13 @@ CASES = {  # name → (d3-plugin arguments, preparation of the checkout copy or 
                                                                          lambda root: _stale_staging(root, "99999999\n")),
     "compare --out in use by another run": (compare("--defenses", "ft", "--out", "cmp"), lambda root: _hold_lock(root / "cmp")),
     "grid, its out in use by another run": (["grid", "g.yaml"], lambda root: _hold_lock(root / "g", grid=True)),
+    "defend --layers ''": (defend("--layers", ""), None),
+    "defend --checkpoint_load a folder": (defend("--checkpoint_load", "ck"), lambda root: (root / "ck").mkdir()),
+    "defend --checkpoint_load a link to /dev/zero": (defend("--checkpoint_load", "zero.pt"),
+                                                     lambda root: (root / "zero.pt").symlink_to("/dev/zero")),
+    "defend, attack_result.pt is a folder": (defend(), lambda root: _replace_with_folder(root / "record/tiny/attack_result.pt")),
+    "install --uninstall --defenses fst, d3.py edited": (["install", ".", "--uninstall", "--defenses", "fst"],
+                                                         lambda root: _install_then_edit(root, defenses="d3,fst"), "success"),
     "list, a broken plugin installed": (["list"], lambda root: _broken_plugin(root), "success"),
     "attack --help, a broken plugin installed": (["attack", "--help"], lambda root: _broken_plugin(root), "success"),
 }
@@ -202,6 +209,11 @@ def _truncate(path: Path, size: int = 1000) -> None:
 def _replace_with_file(path: Path) -> None:
     shutil.rmtree(path)
     path.write_text("a file where the output folder should be")
+
+
+def _replace_with_folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
 
 
 class _Hostile:

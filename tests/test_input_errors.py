@@ -288,3 +288,58 @@ def test_grid_refuses_an_out_folder_in_use_but_tabulates_it(held, tmp_path, caps
     status, message = run(capsys, "grid", tmp_path / "g.yaml", "--out", held)
     assert status == 2 and "is in use by another run" in message and "\n" not in message
     assert run(capsys, "grid", tmp_path / "g.yaml", "--out", held, "--table-only")[0] == 0
+
+
+# --- 8. clearer one-liners ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layers", [[], [""], [" "], "fc"])
+def test_d3_refuses_empty_layer_names(layers):
+    with pytest.raises(ValueError, match=r"layers must name modules, e.g. --layers fc"):
+        registry.build("d3", layers=layers)
+
+
+def test_defend_refuses_an_empty_layers_option(capsys, tmp_path):
+    status, message = run(capsys, "defend", "--result_file", tmp_path / "none", "--layers", "")
+    assert status == 2 and "layers must name modules" in message
+
+
+def test_a_checkpoint_that_is_not_a_file_says_what_it_is(tmp_path):
+    from d3_plugin.backdoorbench.records import load_attack_result, load_model_checkpoint
+    (tmp_path / "folder.pt").mkdir()
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    (tmp_path / "dangling.pt").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "record" / "x" / "attack_result.pt").mkdir(parents=True)
+    for path, says in (("folder.pt", "is a folder, expected a file"),
+                       ("zero.pt", r"is not a regular file \(a device, pipe or socket\)"),
+                       ("dangling.pt", "is a link to .*nowhere, which does not exist"),
+                       ("missing.pt", "does not exist")):
+        with pytest.raises(OSError, match=rf"{path} {says}; check the path"):
+            load_model_checkpoint(tmp_path / path)
+    with pytest.raises(IsADirectoryError, match=r"x/attack_result.pt is a folder, expected a file"):
+        load_attack_result(tmp_path / "record" / "x")
+
+
+def test_index_and_config_files_that_are_folders_say_so(tmp_path):
+    from d3_plugin.backdoorbench.defense import read_yaml
+    from d3_plugin.backdoorbench.reserved import read_index_file
+    with pytest.raises(IsADirectoryError, match="index file .* is a folder, expected a file; pass a file of indices"):
+        read_index_file(tmp_path, 10)
+    with pytest.raises(IsADirectoryError, match="config file .* is a folder, expected a file; pass --yaml_path"):
+        read_yaml(tmp_path, "d3")
+
+
+def test_uninstall_honours_defenses(tmp_path, capsys):
+    from d3_plugin.backdoorbench import install
+    (tmp_path / "defense").mkdir()
+    install.install(tmp_path, defenses=["d3", "fst"])
+    edited = tmp_path / "defense" / "d3.py"
+    edited.write_text(edited.read_text() + "# my edit\n")
+    status, _ = run(capsys, "install", tmp_path, "--uninstall", "--defenses", "fst")
+    assert status == 0 and not (tmp_path / "defense/fst.py").exists() and not (tmp_path / "config/defense/fst").exists()
+    assert edited.read_text().endswith("# my edit\n") and (tmp_path / "config/defense/d3/mnist.yaml").is_file()
+    status, message = run(capsys, "install", tmp_path, "--uninstall", "--defenses", "fst")
+    assert status == 2 and "fst not installed in" in message
+    status, message = run(capsys, "install", tmp_path, "--uninstall")  # the rest: still stopped by the edit
+    assert status == 2 and "defense/d3.py in" in message and "was edited" in message
+    assert run(capsys, "install", tmp_path, "--uninstall", "--defenses", "d3", "--force")[0] == 0
+    assert not (tmp_path / install.MANIFEST).exists() and list((tmp_path / "defense").iterdir()) == []

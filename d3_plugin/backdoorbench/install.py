@@ -85,7 +85,7 @@ def requested(names: Optional[Iterable[str]]) -> List[str]:
     """`--defenses` → registry names ("all": every native defense); one-line errors for the others."""
     names = [n.strip().lower() for n in (["d3"] if names is None else names) if n.strip()]
     if not names:
-        raise ValueError("--defenses is empty; name the native defenses to install, e.g. --defenses d3 (or all)")
+        raise ValueError("--defenses is empty; name native defenses, e.g. --defenses d3 (or all)")
     if names == ["all"]:
         return native_defenses()
     known = native_defenses()
@@ -210,30 +210,54 @@ def _edited(checkout: Path, rel: str, recorded: Dict[str, Optional[str]], planne
     return Path(rel) in planned and current != digest(planned[Path(rel)])
 
 
-def uninstall(checkout: str | os.PathLike, force: bool = False) -> List[Path]:
-    """Remove the manifest's files that are still as we wrote them; returns what was removed. Files that lost
-    the header are left (they are the user's); one of ours that was edited stops it (unless `force`)."""
+def uninstall(checkout: str | os.PathLike, force: bool = False, defenses: Optional[Iterable[str]] = None) -> List[Path]:
+    """Remove the manifest's files (of `defenses` only, when given) that are still as we wrote them; returns
+    what was removed. Files that lost the header are left (they are the user's); one of ours that was edited
+    stops it (unless `force`)."""
     checkout = Path(checkout)
     manifest = checkout / MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {checkout}: d3-plugin is not installed there")
     recorded = _read_manifest(checkout)
+    chosen = recorded if defenses is None else _files_of(requested(defenses), recorded, checkout)
     planned = planned_files(native_defenses())
-    edited = [rel for rel in recorded if _edited(checkout, rel, recorded, planned)]
+    edited = [rel for rel in chosen if _edited(checkout, rel, recorded, planned)]
     if edited and not force:
         raise EditedFile(f"{', '.join(edited)} in {checkout} was edited since d3-plugin wrote it; nothing was "
                          f"removed: move your version away, or pass --force to remove it")
     removed = []
-    for rel in recorded:
+    for rel in chosen:
         path = checkout / rel
         if path.is_file() and is_ours(path):
             path.unlink()
             removed.append(path)
-    manifest.unlink()
+    kept = {rel: known for rel, known in recorded.items() if rel not in chosen}
+    if kept:
+        outputs.write_json(manifest, {"d3_plugin_version": __version__, "files": kept})
+    else:
+        manifest.unlink()
     for folder in {path.parent for path in removed}:
         if folder.is_dir() and folder.parent.name == "defense" and not any(folder.iterdir()):
             folder.rmdir()  # config/defense/<script>/ we emptied
     return removed
+
+
+def _files_of(names: List[str], recorded: Dict[str, Optional[str]], checkout: Path) -> Dict[str, Optional[str]]:
+    """The manifest's files of the defenses `names`: defense/<script>.py and config/defense/<script>/*."""
+    scripts = {script_name(registry.get(name)) for name in names}
+    chosen = {rel: known for rel, known in recorded.items() if _script_of(rel) in scripts}
+    if not chosen:
+        raise FileNotFoundError(f"{', '.join(names)} not installed in {checkout} (none of its files is in {MANIFEST}); "
+                                f"see the manifest for what is")
+    return chosen
+
+
+def _script_of(rel: str) -> Optional[str]:
+    """defense/<script>.py or config/defense/<script>/<file> → <script>."""
+    parts = Path(rel).parts
+    if len(parts) == 2 and parts[0] == "defense":
+        return Path(rel).stem
+    return parts[2] if len(parts) == 4 and parts[:2] == ("config", "defense") else None
 
 
 def _read_manifest(checkout: Path) -> Dict[str, Optional[str]]:
