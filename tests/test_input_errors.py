@@ -55,7 +55,7 @@ def test_defend_refuses_a_boolean_option_that_is_not_one(capsys, option):
     assert exit_.value.code == 2 and f"argument {option}" in last and "must be true or false" in last
 
 
-def test_a_boolean_in_a_yaml_file_or_set_is_parsed_the_same_way(tmp_path, capsys):
+def test_a_boolean_in_a_yaml_file_or_set_is_parsed_the_same_way(tmp_path):
     import argparse
 
     from d3_plugin.backdoorbench.defense import defense_class
