@@ -4,6 +4,16 @@
 session and never cached on disk, so every run builds the same model from the same seed whatever ran
 before it. Recipe margin, measured for training seeds 0–5 (`RECIPE` below, 1 torch thread): ASR
 0.987–0.994 and ACC 0.80–0.82 on the 1,000 test images; 4 epochs instead of 8 gave ASR 0.69–0.99.
+
+Portability: `D3_PLUGIN_TEST_SEED` (default 0) seeds the shared fixture and every test-local model, and
+`OMP_NUM_THREADS` (default 1: tiny models run faster on one thread) sets torch's thread count, so a test
+that asserts what a trained model does can be run on other models and other float rounding:
+`D3_PLUGIN_TEST_SEED=1 OMP_NUM_THREADS=2 python -m pytest -m trained`. `D3_PLUGIN_TEST_NATIVE_BF16=0` (or 1)
+forces what precision `auto` believes of the CPU (bf16 with AVX512-BF16/AMX, else fp32), so both branches
+run on any machine; unset, the machine decides. Tests marked `trained` are those
+that train, evaluate or prune a model (every user of the shared fixture is marked automatically);
+each of their assertions is an invariant or a margin measured by `benchmarks/test_margins.py` over
+seeds 0–5 × threads 1, 2 (the measured range is written beside the threshold; `observed` records it).
 """
 from __future__ import annotations
 
@@ -11,6 +21,8 @@ import contextlib
 import copy
 import dataclasses
 import gzip
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -27,8 +39,56 @@ from d3_plugin.evaluation import evaluate
 from d3_plugin.models import build_model
 from d3_plugin.training import seed_everything
 
+
+
+def env_count(name: str, default: int, minimum: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < minimum:
+        raise pytest.UsageError(f"{name}={text!r}: expected an integer ≥ {minimum}")
+    return int(text)
+
+
+TEST_SEED = env_count("D3_PLUGIN_TEST_SEED", 0, 0)
+TEST_THREADS = env_count("OMP_NUM_THREADS", 1, 1)
+torch.set_num_threads(TEST_THREADS)
+NATIVE_BF16 = os.environ.get("D3_PLUGIN_TEST_NATIVE_BF16", "").strip()
+if NATIVE_BF16 not in ("", "0", "1"):
+    raise pytest.UsageError(f"D3_PLUGIN_TEST_NATIVE_BF16={NATIVE_BF16!r}: expected 0, 1 or unset")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_bf16_branch():
+    """Forces precision `auto`'s CPU branch when D3_PLUGIN_TEST_NATIVE_BF16 says so (module docstring)."""
+    if not NATIVE_BF16:
+        yield
+        return
+    from d3_plugin import precision
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "cpu_has_native_bf16", lambda: NATIVE_BF16 == "1")
+        yield
+
 RECIPE = {"train": 4000, "reserved": 500, "test": 1000, "ratio": 0.1, "target": 0,
-          "epochs": 8, "lr": 0.05, "batch": 64, "seed": 0}
+          "epochs": 8, "lr": 0.05, "batch": 64, "seed": TEST_SEED}
+
+
+def observed(claim: str, value: float) -> float:
+    """`value`, unchanged; with $D3_PLUGIN_TEST_MARGINS set, also appended there (JSON lines) with the seed
+    and thread count, so `benchmarks/test_margins.py` can report each behavioural claim's measured range."""
+    path = os.environ.get("D3_PLUGIN_TEST_MARGINS")
+    if path:
+        row = {"claim": claim, "value": float(value), "seed": TEST_SEED, "threads": TEST_THREADS}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return value
+
+
+def pytest_collection_modifyitems(items):
+    """Every user of the shared trained fixture is a `trained` test (others are marked in their module)."""
+    for item in items:
+        if "backdoored_once" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.trained)
 
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -52,8 +112,8 @@ def write_fashion_mnist_subset(folder: Path, train_size: int, test_size: int) ->
 
 
 @contextlib.contextmanager
-def torch_threads(count: int):
-    """Tiny models run faster on one torch thread than on two oversubscribed ones."""
+def torch_threads(count: int = TEST_THREADS):
+    """The suite's thread count, restored afterwards (code under test may change it)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -63,8 +123,8 @@ def torch_threads(count: int):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    with torch_threads(1):
+def suite_threads():
+    with torch_threads():
         yield
 
 
@@ -113,14 +173,14 @@ def train_backdoored() -> Backdoored:
 
 @pytest.fixture(scope="session")
 def backdoored_once() -> Backdoored:
-    with torch_threads(1):
+    with torch_threads():
         return train_backdoored()
 
 
 @pytest.fixture
 def backdoored(backdoored_once) -> Backdoored:
     """The session's backdoored model, copied so that no test can change it for another."""
-    with torch_threads(1):
+    with torch_threads():
         yield dataclasses.replace(backdoored_once, model=copy.deepcopy(backdoored_once.model))
 
 
@@ -136,7 +196,7 @@ def record(tmp_path):
     """A small synthetic AttackRecord in memory (an untrained small CNN, 400 train and 100 test images)."""
     from d3_plugin.backdoorbench.records import AttackRecord
 
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     test = synthetic(100, 1)
     folder = tmp_path / "checkout" / "record" / "badnet_tiny"
     folder.mkdir(parents=True)

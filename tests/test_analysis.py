@@ -21,11 +21,13 @@ from d3_plugin.bench import bench_from_record
 from d3_plugin.data import ImageSet, Loader, dataset_spec
 from d3_plugin.models import build_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+from conftest import TEST_SEED
+
+pytestmark = [pytest.mark.trained, pytest.mark.usefixtures("suite_threads")]  # see conftest.py
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def two_states(seed: int = 0):
+def two_states(seed: int = TEST_SEED):
     """A small CNN's state and a shifted copy whose BN running statistics (and step count) also differ."""
     torch.manual_seed(seed)
     model = build_model("small_cnn", 10, 1, 28)
@@ -132,7 +134,7 @@ def test_shared_histogram_counts_everything_on_one_set_of_bins():
 # --- features and t-SNE ----------------------------------------------------------------------------------
 
 def test_penultimate_features_are_the_last_linears_input(record):
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     model = build_model("small_cnn", 10, 1, 28).train()
     loader = Loader(record.clean_test.subset(torch.arange(37)), record.spec, batch_size=16)
     features = analysis.penultimate_features(model, loader)

@@ -14,10 +14,12 @@ from d3_plugin.gic import bn_distance, predicted_labels
 from d3_plugin.models import build_model
 from d3_plugin.training import seed_everything
 
+from conftest import TEST_SEED, observed
+
 GREY = DatasetSpec("grey", 10, 1, 16, (0.5,), (0.5,), crop_padding=0)
 RGB = DatasetSpec("rgb", 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_padding=0)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.trained, pytest.mark.usefixtures("suite_threads")]
 
 
 def textured(count: int, channels: int = 3, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -33,7 +35,7 @@ def mean_change(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().mean())
 
 
-def tiny_bn_model(seed: int = 0) -> nn.Module:
+def tiny_bn_model(seed: int = TEST_SEED) -> nn.Module:
     """The package's small CNN with BatchNorm, its running statistics taken from dim, low-contrast images
     (so that Gaussian noise is clearly out of distribution)."""
     seed_everything(seed)
@@ -50,7 +52,7 @@ def tiny_bn_model(seed: int = 0) -> nn.Module:
 
 @pytest.fixture
 def reserved() -> ImageSet:
-    seed_everything(0)
+    seed_everything(TEST_SEED)
     return ImageSet(textured(20, GREY.channels, GREY.size), torch.arange(20) % GREY.num_classes)
 
 
@@ -188,7 +190,8 @@ def test_inversion_moves_noise_towards_the_batchnorm_statistics():
     noise = invert(model, GREY, 20, seed=0, steps=0)
     inverted = invert(model, GREY, 20, seed=0, steps=15)
     before, after = bn_distance(model, noise.images, GREY, "cpu"), bn_distance(model, inverted.images, GREY, "cpu")
-    assert after < 0.7 * before, (before, after)
+    # measured 0.32–0.42
+    assert observed("inversion: BN distance after / before", after / before) < 0.7, (before, after)
     assert torch.bincount(inverted.labels, minlength=10).tolist() == [2] * 10
     assert inverted.images.shape == (20, 1, 16, 16) and inverted.images.dtype == torch.uint8
     assert torch.equal(inverted.images, invert(model, GREY, 20, seed=0, steps=15).images)
@@ -206,8 +209,8 @@ def test_inversion_leaves_the_victim_as_it_was():
 
 def test_inversion_without_batchnorm_follows_the_classifier():
     """No BN layer: the BN term is 0 and cross-entropy alone pulls the images towards their classes (a random
-    tiny classifier cannot reach every class from [0, 1] images, hence 0.5 rather than 1)."""
-    seed_everything(0)
+    tiny classifier cannot reach every class from [0, 1] images, hence a gain rather than agreement 1)."""
+    seed_everything(TEST_SEED)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                           nn.Linear(32, 10))
 
@@ -215,7 +218,10 @@ def test_inversion_without_batchnorm_follows_the_classifier():
         return float((predicted_labels(model, data.images, GREY, "cpu") == data.labels).float().mean())
 
     noise, inverted = invert(model, GREY, 20, seed=0, steps=0), invert(model, GREY, 20, seed=0, steps=30)
-    assert agreement(noise) <= 0.2 and agreement(inverted) >= 0.5, (agreement(noise), agreement(inverted))
+    gained = agreement(inverted) - agreement(noise)
+    observed("inversion without BN: noise agreement", agreement(noise))
+    observed("inversion without BN: inverted agreement", agreement(inverted))
+    assert observed("inversion without BN: agreement gained", gained) >= 0.2, gained  # measured 0.30–0.60
 
 
 # ---------------------------------------------------------------- the auxiliary set

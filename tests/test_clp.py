@@ -10,12 +10,14 @@ from d3_plugin.defenses.clp import CLPConfig, channel_lipschitz_bounds, clp, clp
 from d3_plugin.models import build_model
 from d3_plugin.training import seed_everything
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+from conftest import TEST_SEED, observed
+
+pytestmark = [pytest.mark.trained, pytest.mark.usefixtures("suite_threads")]
 
 
 @pytest.fixture(autouse=True)
 def seeded():
-    seed_everything(0)  # before anything random, the models' initial weights included
+    seed_everything(TEST_SEED)  # before anything random, the models' initial weights included
 
 
 def no_bn_model() -> nn.Module:
@@ -95,13 +97,16 @@ def test_preact_conv_is_scored_and_pruned_through_the_bn_that_consumes_its_outpu
     assert pairs["layer4.1.conv2"] is None
     assert len(set(b for b in pairs.values() if b)) == len([b for b in pairs.values() if b])  # one conv per BN
 
+    unplanted, _ = clp(model, None)
     modules = dict(model.named_modules())
     with torch.no_grad():
         modules["layer1.0.conv1"].weight[3].mul_(20)
     purified, _ = clp(model, None)
-    out = dict(purified.named_modules())
+    out, before = dict(purified.named_modules()), dict(unplanted.named_modules())
     assert out["layer1.0.bn2"].weight[3] == 0 and out["layer1.0.bn2"].bias[3] == 0
-    assert torch.equal(out["layer1.0.bn1"].weight, modules["layer1.0.bn1"].weight)
+    # the BN in front of the planted conv decides as it did without the plant (a random layer may lose a channel
+    # to CLP either way)
+    assert torch.equal(out["layer1.0.bn1"].weight, before["layer1.0.bn1"].weight)
 
 
 def test_without_bn_the_conv_output_channel_is_zeroed():
@@ -200,7 +205,8 @@ def test_runs_data_free_on_each_architecture_and_reports_one_row(build, shape):
     assert history[0]["acc"] == 0.5 and history[0]["asr"] == 0.25
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert history[0]["channels"] == sum(c.out_channels for c in convs)
-    assert 0 < history[0]["pruned"] < history[0]["channels"]  # u=1 flags some channels of random layers
+    share = observed("clp u=1, random layers: share of channels pruned", history[0]["pruned"] / history[0]["channels"])
+    assert 0 < share < 1  # u=1 flags some channels of random layers; measured 0.12–0.21
     with torch.no_grad():
         assert torch.isfinite(purified(torch.randn(*shape))).all()
 
@@ -208,7 +214,7 @@ def test_runs_data_free_on_each_architecture_and_reports_one_row(build, shape):
 def test_runs_on_a_bfloat16_model():
     model = build_model("small_cnn", 10, 1, 28).to(torch.bfloat16)
     purified, history = clp(model, None, CLPConfig(u=1.0))
-    assert history[0]["pruned"] > 0
+    assert observed("clp u=1, random bf16 small_cnn: channels pruned", history[0]["pruned"]) > 0  # measured 13–20
     assert all(p.dtype == torch.bfloat16 for p in purified.parameters())
 
 

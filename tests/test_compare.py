@@ -21,7 +21,7 @@ from d3_plugin.data import ImageSet, dataset_spec
 from d3_plugin.models import build_model
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+pytestmark = [pytest.mark.trained, pytest.mark.usefixtures("suite_threads")]  # see conftest.py
 
 
 @pytest.fixture

@@ -10,6 +10,10 @@ from torch import nn
 from d3_plugin import d3
 from d3_plugin.d3 import D3Config, clean_hinge, detoxify, distance, project, select_weights, warm_start
 
+from conftest import TEST_SEED
+
+pytestmark = pytest.mark.trained  # see conftest.py
+
 
 class Tiny(nn.Module):
     """Conv → Linear head, with biases everywhere, and a nested block holding a Conv2d and a Linear."""
@@ -31,7 +35,7 @@ def tiny_batches(seed=0, n=48, batch=16):
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=TEST_SEED):
     torch.manual_seed(seed)
     return Tiny()
 
@@ -55,7 +59,7 @@ def test_distance_gradient_is_unit_direction_per_layer():
 
 
 def test_a_descent_step_on_minus_distance_increases_it():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     initial = {"w": torch.randn(4, 5)}
     w = (initial["w"] + 0.1 * torch.randn(4, 5)).requires_grad_()
     before = distance({"w": w}, initial)

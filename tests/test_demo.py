@@ -6,6 +6,8 @@ import pytest
 
 from d3_plugin.demo import DemoConfig, run_demo
 
+pytestmark = pytest.mark.trained  # see conftest.py
+
 OUTPUTS = ("compare.md", "compare.csv", "compare.json", "compare.png", "curves.png")
 
 
@@ -17,7 +19,7 @@ def config(tmp_path):
     return demo
 
 
-def test_demo_end_to_end_then_from_the_model_cache(config, one_thread, capsys):
+def test_demo_end_to_end_then_from_the_model_cache(config, suite_threads, capsys):
     rows = run_demo(config)
     assert [row["defense"] for row in rows] == ["no defense", "ft", "d3"]
     for row in rows[1:]:

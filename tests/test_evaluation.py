@@ -6,6 +6,10 @@ from torch import nn
 from d3_plugin.data import DatasetSpec, ImageSet, Loader
 from d3_plugin.evaluation import defense_effectiveness_rate, evaluate, summarize
 
+from conftest import TEST_SEED, observed
+
+pytestmark = pytest.mark.trained  # see conftest.py
+
 # mean 0, std 1: the loader feeds pixel / 255, so the stub can read the pixel value back exactly
 SPEC = DatasetSpec("stub", 10, 1, 4, (0.0,), (1.0,), crop_padding=4)
 
@@ -98,7 +102,7 @@ RGB = DatasetSpec("rgb", 4, 3, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pad
 
 
 def small_convnet():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                          nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 4))
 
@@ -114,17 +118,18 @@ def test_bf16_evaluate_agrees_with_fp32_on_a_tiny_model():
     fp32 = evaluate(model, *loaders, precision="fp32")
     assert evaluate(model, *loaders) == pytest.approx(fp32, rel=1e-5)  # channels_last fp32 = plain fp32
     bf16 = evaluate(model, *(Loader(d.data, RGB, 512) for d in loaders), precision="bf16")
-    for key in ("acc", "asr", "ra"):
-        assert bf16[key] == pytest.approx(fp32[key], abs=0.03)
+    for key in ("acc", "asr", "ra"):  # measured ≤ 0.01 (losses: ≤ 0.0053 relative)
+        assert observed(f"bf16 − fp32 {key}", abs(bf16[key] - fp32[key])) <= 0.03
     for key in ("clean_loss", "bd_loss"):
-        assert bf16[key] == pytest.approx(fp32[key], rel=0.02)
+        assert observed(f"bf16 / fp32 {key} − 1", abs(bf16[key] / fp32[key] - 1)) <= 0.02
     # predictions themselves agree on all but a few near-ties
     with torch.no_grad():
         x = loaders[0].prepare(clean.images)
         reference = model(x).argmax(1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x.contiguous(memory_format=torch.channels_last)).float().argmax(1)
-    assert (reference == low).float().mean().item() >= 0.95
+    agreement = (reference == low).float().mean().item()
+    assert observed("bf16 / fp32 prediction agreement", agreement) >= 0.95  # measured 0.995–1
     assert model[0].weight.is_contiguous() and not model.training  # format and mode restored
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
@@ -149,7 +154,7 @@ def test_eval_batch_size_follows_the_device_unless_given():
 def test_folding_batchnorm_keeps_the_function_and_leaves_the_model_alone():
     from d3_plugin.evaluation import folded
     from d3_plugin.models import build_model
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     model = build_model("preactresnet18", 10, 3, 32).eval()
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)

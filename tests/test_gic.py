@@ -9,6 +9,10 @@ from d3_plugin import registry
 from d3_plugin.data import ImageSet
 from d3_plugin.gic import BatchNormMatch, Calibrator, GICConfig, _round_within, bn_distance, gic
 
+from conftest import TEST_SEED, observed
+
+pytestmark = pytest.mark.trained  # see conftest.py
+
 FAST = dict(epochs=8, batch_size=64, lr=3e-3)
 
 
@@ -30,7 +34,8 @@ def test_every_calibrated_image_stays_within_delta(backdoored, auxiliary, norm, 
     change = (calibrated.images.float() - auxiliary.images.float()).flatten(1) / 255
     per_image = change.abs().amax(1) if norm == "linf" else change.norm(dim=1)
     assert per_image.max() <= delta + 1e-6
-    assert per_image.max() > 0.5 * delta, "the calibration did not use its budget at all"
+    used = observed(f"gic {norm}: largest change / delta", per_image.max() / delta)  # measured 0.978–1
+    assert used > 0.5, "the calibration did not use its budget at all"
     assert report["max_change"] == pytest.approx(float(per_image.max()), abs=1e-6)
 
 
@@ -39,8 +44,9 @@ def test_out_of_distribution_inputs_move_towards_the_running_statistics(backdoor
     in_distribution = bn_distance(model, backdoored.reserved.images[:192], spec, "cpu")
     calibrated, report = gic(model, auxiliary, spec, GICConfig(delta=32 / 255, **FAST))
     assert report["bn_before"] == pytest.approx(bn_distance(model, auxiliary.images, spec, "cpu"))
-    assert report["bn_before"] > 1.5 * in_distribution, "the dimmed set is not out of distribution"
-    assert report["bn_after"] < 0.8 * report["bn_before"]
+    # measured 6.7–12.4 and 0.73–0.74
+    assert observed("gic: dimmed / in-distribution BN distance", report["bn_before"] / in_distribution) > 1.5
+    assert observed("gic: BN distance after / before", report["bn_after"] / report["bn_before"]) < 0.8
     assert report["history"][-1]["bn"] < report["history"][0]["bn"]
 
 
@@ -57,13 +63,14 @@ def test_unlabeled_auxiliary_data_take_the_victims_labels(backdoored, auxiliary)
     unlabeled = ImageSet(auxiliary.images, torch.zeros(len(auxiliary), dtype=torch.long))
     calibrated, report = gic(backdoored.model, unlabeled, backdoored.spec, GICConfig(**FAST), labeled=False)
     assert report["labels"] == "victim"
-    assert len(calibrated.labels.unique()) > 3, "victim labels should spread over the classes"
+    classes = observed("gic: classes among victim labels", len(calibrated.labels.unique()))  # measured 10
+    assert classes > 3, "victim labels should spread over the classes"
     with pytest.raises(ValueError, match="labels=given, but this auxiliary set has no labels"):
         gic(backdoored.model, unlabeled, backdoored.spec, GICConfig(labels="given", epochs=0), labeled=False)
 
 
 def test_the_calibrator_starts_as_the_identity_and_rounding_never_leaves_the_bound():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     pixels = torch.rand(4, 3, 8, 8)
     assert torch.equal(Calibrator(3, 0.1)(pixels), pixels)
     original = torch.randint(0, 256, (64, 3, 8, 8)).float()
@@ -81,7 +88,7 @@ def test_the_calibrator_starts_as_the_identity_and_rounding_never_leaves_the_bou
 
 
 def test_batchnorm_match_is_zero_on_the_running_statistics_themselves():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     layer = torch.nn.BatchNorm2d(2).eval()
     layer.running_mean.fill_(1.0)
     layer.running_var.fill_(4.0)

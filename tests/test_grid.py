@@ -21,7 +21,7 @@ from d3_plugin.grid import AttackJob, GridError, LocalPool, load_grid, plan, run
 
 from conftest import write_fashion_mnist_subset
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.trained, pytest.mark.usefixtures("suite_threads")]
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,15 @@ from d3_plugin.evaluation import evaluate
 from d3_plugin.models import build_model
 from d3_plugin.training import seed_everything
 
-from conftest import write_fashion_mnist_subset
+from conftest import TEST_SEED, observed, write_fashion_mnist_subset
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+pytestmark = [pytest.mark.trained, pytest.mark.usefixtures("suite_threads")]  # see conftest.py
 SPEC = dataset_spec("fashion_mnist")
 
 
 @pytest.fixture(scope="module")
 def data():
-    seed_everything(0)
+    seed_everything(TEST_SEED)
     train = load_dataset("fashion_mnist", True).subset(torch.arange(300))
     test = load_dataset("fashion_mnist", False).subset(torch.arange(200))
     return train, test
@@ -38,7 +38,7 @@ def data():
 @pytest.fixture(scope="module")
 def trained(data):
     """A tiny real run: 300 images, 1 mask epoch, 2 epochs of classifier + generator."""
-    seed_everything(0)
+    seed_everything(TEST_SEED)
     train, test = data
     config = InputAwareConfig(epochs=2, mask_epochs=1, batch_size=50, width=8)
     model, trigger, history = input_aware(build_model("small_cnn", 10, 1, 28), train, SPEC, config)
@@ -61,8 +61,10 @@ def test_the_mask_pre_training_meets_the_density_and_makes_masks_differ(data):
     history = train_mask(mask, train, SPEC, config)
     assert history[-1]["mask_norm"] < history[0]["mask_norm"]
     masks = InputAwareTrigger(build_networks(1, 8, 0)[0], mask).masks(test.images[:100])
-    assert masks.flatten(1).mean(1).mean() < 0.075  # density 0.05, penalised above it (0.5 before training)
-    assert (masks[:50] - masks[50:]).abs().flatten(1).amax(1).min() > 0.05  # every pair differs somewhere
+    # measured 0.0576 and 0.111 (the mask network's seed is fixed)
+    assert observed("input-aware: mean mask density", masks.flatten(1).mean(1).mean()) < 0.075  # target 0.05
+    assert observed("input-aware: least largest mask difference of a pair",
+                    (masks[:50] - masks[50:]).abs().flatten(1).amax(1).min()) > 0.05  # every pair differs somewhere
     assert any(not torch.equal(a, b) for a, b in zip(before, mask.parameters()))
 
 
@@ -78,14 +80,16 @@ def test_each_image_gets_its_own_trigger_and_a_cross_trigger_differs(trained, da
     # diversity: the generated patterns differ between images, and so do the residuals B(x) − x
     with torch.no_grad():
         patterns = trigger.generator(images.float() / 255)
-    assert (patterns[:20] - patterns[20:]).abs().flatten(1).mean(1).min() > 1e-3
+    assert observed("input-aware: least mean pattern difference of a pair",
+                    (patterns[:20] - patterns[20:]).abs().flatten(1).mean(1).min()) > 1e-3  # measured 0.026–0.030
     residual = own.float() - images.float()
     assert (residual[:20] - residual[20:]).abs().flatten(1).sum(1).min() > 0
     # cross: the trigger of another image applied to x differs from x's own trigger
     partners = images.roll(1, 0)
     crossed = trigger.cross(images, partners)
     assert crossed.dtype == torch.uint8
-    assert (crossed != own).flatten(1).any(1).float().mean() > 0.9
+    differing = (crossed != own).flatten(1).any(1).float().mean()
+    assert observed("input-aware: cross triggers differing from own", differing) > 0.9  # measured 1.0
     assert torch.equal(trigger.cross(images, images), own)
     # only pixels under the mask change (a mask below half a grey level leaves the pixel as it was)
     masks = trigger.masks(images)
@@ -93,7 +97,7 @@ def test_each_image_gets_its_own_trigger_and_a_cross_trigger_differs(trained, da
 
 
 def test_the_objective_poisons_rho_b_relabels_them_and_keeps_cross_labels():
-    seed_everything(0)
+    seed_everything(TEST_SEED)
     config = InputAwareConfig(ratio=0.2, cross_ratio=0.3, batch_size=10, width=4, target=0)
     generator, mask = build_networks(1, 4, 0)
 
@@ -134,7 +138,7 @@ def test_without_poisoning_the_classifier_trains_exactly_like_the_common_trainer
     """ρ_b = ρ_c = 0: the same SGD, schedule, batches and augmentation as every other attack's training, bit
     for bit (so a clean reference trained with `train_model` is this code's own clean model)."""
     train, _ = data
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     start = build_model("small_cnn", 10, 1, 28)
     config = InputAwareConfig(epochs=2, ratio=0.0, cross_ratio=0.0, mask_epochs=0, batch_size=50, width=4)
     ours, _, _ = input_aware(start, train, SPEC, config)
@@ -163,7 +167,8 @@ def test_materialised_sets(trained, data):
     assert torch.equal(bd.images, trigger(test.images[non_target]))
     crossed = cross_test_set(test, trigger, target=0)
     assert torch.equal(crossed.labels, test.labels[non_target])
-    assert (crossed.images != bd.images).flatten(1).any(1).float().mean() > 0.9
+    assert observed("input-aware: crossed test images differing from backdoored",
+                    (crossed.images != bd.images).flatten(1).any(1).float().mean()) > 0.9  # measured 1.0
     poisoned = poisoned_training_set(train, trigger, config)
     relabelled = poisoned.poisoned & (poisoned.labels != poisoned.original_labels)
     kept = poisoned.poisoned & (poisoned.labels == poisoned.original_labels)
@@ -206,7 +211,7 @@ def record(tmp_path_factory):
     checkout = tmp_path_factory.mktemp("checkout")
     data = write_fashion_mnist_subset(checkout / "data" / "fashion_mnist", 2000, 1000)
     out = checkout / "record" / "input_aware"
-    seed_everything(0)
+    seed_everything(TEST_SEED)
     assert main(["attack", "input-aware", "--out", str(out), "--epochs", "1", "--train-size", "300", "--device",
                  "cpu", "--data-root", str(data), "--param", "mask_epochs=1", "--param", "width=8"]) == 0
     return out, data

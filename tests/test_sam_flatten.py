@@ -16,8 +16,10 @@ from d3_plugin.models import build_model
 from d3_plugin.sam import SAM
 from d3_plugin.training import cross_entropy, fit, sgd
 
+from conftest import TEST_SEED, observed
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+pytestmark = [pytest.mark.trained, pytest.mark.usefixtures("suite_threads")]  # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def start(tiny):
     _, _, batches = tiny
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     model = build_model("small_cnn", 10, 1, 28)
     fit(model, batches, sgd(model.parameters(), 0.05), cross_entropy(), 3)
     return model
@@ -38,7 +40,7 @@ def start(tiny):
 
 def plain_net() -> nn.Module:
     """A small net without batch norm, so eval-mode measures see the weights that were trained."""
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
                          nn.Linear(8 * 49, 32), nn.ReLU(), nn.Linear(32, 10))
 
@@ -58,8 +60,9 @@ def test_asam_leaves_a_flatter_minimum_than_sgd(tiny):
         fit(model, batches, base if rho == 0 else SAM(base, rho, adaptive=True), cross_entropy(), 8)
         results[name] = (top_hessian_eigenvalue(model, batches, iterations=10), mean_loss(model, batches))
     (sharp, sgd_loss), (flat, sam_loss) = results["sgd"], results["asam"]
-    assert flat < 0.6 * sharp, f"ASAM top eigenvalue {flat:.3f} is not well below SGD's {sharp:.3f}"
-    assert sam_loss < 1.0 and sgd_loss < 1.0, "a model at chance level is trivially flat"
+    # measured 0.21–0.53 and 0.39–0.60
+    assert observed("asam / sgd top Hessian eigenvalue", flat / sharp) < 0.6, (flat, sharp)
+    assert observed("asam / sgd: larger loss", max(sam_loss, sgd_loss)) < 1.0, "a model at chance is trivially flat"
 
 
 def test_sam_flatten_trains_a_copy_and_accepts_rho_1_to_3(tiny, start):
@@ -75,7 +78,7 @@ def test_sam_flatten_trains_a_copy_and_accepts_rho_1_to_3(tiny, start):
 
 
 def test_hessian_eigenvalue_matches_the_exact_hessian():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     model = nn.Linear(3, 4)
     inputs, labels = torch.randn(20, 3), torch.randint(0, 4, (20,))
     batches = [(inputs[:10], labels[:10]), (inputs[10:], labels[10:])]

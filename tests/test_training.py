@@ -6,6 +6,10 @@ from torch import nn
 from d3_plugin.sam import SAM
 from d3_plugin.training import cosine, cross_entropy, fit, resolve_device, seed_everything, sgd, train_epoch
 
+from conftest import TEST_SEED, observed
+
+pytestmark = pytest.mark.trained  # see conftest.py
+
 
 def separable_batches(n=96, batch=16):
     g = torch.Generator().manual_seed(0)
@@ -15,7 +19,7 @@ def separable_batches(n=96, batch=16):
 
 
 def linear_model():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     return nn.Linear(4, 2)
 
 
@@ -50,7 +54,8 @@ def test_fit_with_sam_lowers_the_loss_and_calls_the_closure_twice():
     history = fit(model, batches, SAM(base, rho=0.5), counted, 4, scheduler=cosine(base, 4), after_step=after_step)
     steps = 4 * len(batches)
     assert calls == {"objective": 2 * steps, "after_step": steps}
-    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    ratio = history[-1]["loss"] / history[0]["loss"]
+    assert observed("fit with SAM: last / first epoch loss", ratio) < 0.7  # measured 0.18–0.32
     assert history[1]["lr"] < history[0]["lr"]  # the scheduler drives SAM's base optimizer
 
 
@@ -124,7 +129,7 @@ from d3_plugin.training import due  # noqa: E402
 
 
 def conv_model():
-    torch.manual_seed(0)
+    torch.manual_seed(TEST_SEED)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 

@@ -529,9 +529,9 @@ class BackdoorBenchDefense:
             logger.error("%s: %s; %s keeps its previous results", type(error).__name__, error, self.staged.final)
             self.staged.discard()
             raise
-        except BaseException:  # Ctrl-C: the log stays with the run's staging folder (a later run removes it)
-            logger.error("interrupted; %s keeps its previous results, this run's log is in %s", self.staged.final,
-                         self.args.log)
+        except BaseException as error:  # Ctrl-C: the log stays with the run's staging folder (a later run removes it)
+            logger.error("%s: interrupted; %s keeps its previous results, this run's log is in %s",
+                         type(error).__name__, self.staged.final, self.args.log)
             raise
 
 
