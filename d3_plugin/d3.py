@@ -68,17 +68,21 @@ class D3Config:
     channels_last: Optional[bool] = None
     eval_every: int = 1
     eval_batch_size: Optional[int] = None
+    distill: float = 0.0  # weight of the input model's clean soft labels (0 = off; issue 28 candidate)
+    distill_temperature: float = 2.0
 
     def __post_init__(self):
         if self.hinge not in HINGES:
             raise ValueError(f"hinge must be one of {HINGES}, got {self.hinge!r}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
-        for option in ("lam", "eps", "lr", "momentum", "weight_decay"):
+        for option in ("lam", "eps", "lr", "momentum", "weight_decay", "distill", "distill_temperature"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{option} must be a finite number ≥ 0, got {value!r} (default "
                                  f"{getattr(D3Config, option)})")
+        if self.distill_temperature == 0:
+            raise ValueError("distill_temperature must be > 0 (the softmax temperature of the soft labels), got 0")
         if self.lr == 0 or self.momentum >= 1:
             raise ValueError(f"lr must be > 0 and momentum < 1, got lr {self.lr!r}, momentum {self.momentum!r}")
         for option, least in (("epochs", 0), ("batch_size", 1)):
@@ -161,18 +165,35 @@ def clean_hinge(logits: torch.Tensor, labels: torch.Tensor, eps: float, mode: st
     return hinge, per_sample.mean()
 
 
-def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor], config: D3Config):
-    """The D3 loss −d + λ·hinge (divided by λ + 1 when `normalize` and λ > 1) as a training objective."""
+def soft_label_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), the batch mean (Hinton et al.'s distillation loss)."""
+    teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    student = F.log_softmax(logits / temperature, dim=1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor], config: D3Config,
+              teacher: Optional[nn.Module] = None):
+    """The D3 loss −d + λ·hinge (divided by λ + 1 when `normalize` and λ > 1) as a training objective; with
+    a `teacher` (the input model) also + distill·soft_label_loss on the same clean batch."""
     scale = 1.0 / (config.lam + 1.0) if config.normalize and config.lam > 1 else 1.0
     device = next(iter(weights.values())).device
 
     def d3_loss(model, inputs, labels):
-        hinge, clean_loss = clean_hinge(model(inputs).float(), labels, config.eps, config.hinge)
+        logits = model(inputs).float()
+        hinge, clean_loss = clean_hinge(logits, labels, config.eps, config.hinge)
         with full_precision(device):  # the distance stays fp32 under autocast
             dist = distance(weights, initial)
-        loss = (config.lam * hinge - dist) * scale
-        return loss, {"loss": loss.detach(), "clean_loss": clean_loss.detach(),
-                      "hinge": hinge.detach(), "distance": dist.detach()}
+        loss = config.lam * hinge - dist
+        stats = {"clean_loss": clean_loss.detach(), "hinge": hinge.detach(), "distance": dist.detach()}
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(inputs).float()
+            soft = soft_label_loss(logits, teacher_logits, config.distill_temperature)
+            loss = loss + config.distill * soft
+            stats["distill"] = soft.detach()
+        loss = loss * scale
+        return loss, {"loss": loss.detach(), **stats}
     return d3_loss
 
 
@@ -208,16 +229,18 @@ def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Confi
     weights = select_weights(model, config.layers)
     initial = {name: w.detach().clone() for name, w in weights.items()}
     norms = {name: torch.linalg.vector_norm(w) for name, w in initial.items()}
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.distill > 0 else None
     warm_start(weights, config.warm_start, torch.Generator().manual_seed(config.seed))
     optimizer = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
     precision = resolve_precision(config.precision, model_device(model), model=model,
                                   channels_last=config.channels_last)
     if checkpoint is not None:  # the warm start above is seeded: a resumed run redoes it, then loads θ
         settings = {name: getattr(config, name) for name in ("lam", "eps", "hinge", "normalize", "warm_start",
-                    "layers", "lr", "momentum", "weight_decay", "bn_train", "seed")}  # epochs: fit checks them
+                    "layers", "lr", "momentum", "weight_decay", "bn_train", "seed", "distill",
+                    "distill_temperature")}  # epochs: fit checks them
         checkpoint = EpochCheckpoint(getattr(checkpoint, "path", checkpoint),
                                      {"theta_init": initial, "norms": norms, "settings": settings})
-    history = fit(model, clean_batches, optimizer, objective(weights, initial, config), config.epochs,
+    history = fit(model, clean_batches, optimizer, objective(weights, initial, config, teacher), config.epochs,
                   scheduler=cosine(optimizer, config.epochs), after_step=lambda _: project(weights, norms),
                   bn_train=config.bn_train, on_epoch=on_epoch, on_epoch_every=config.eval_every,
                   precision=precision, progress=progress, checkpoint=checkpoint)
