@@ -70,13 +70,15 @@ class D3Config:
     eval_batch_size: Optional[int] = None
     distill: float = 0.0  # weight of the input model's clean soft labels (0 = off; issue 28 candidate)
     distill_temperature: float = 2.0
+    mixup: float = 0.0  # Beta(α, α) of mixup on the clean batches (0 = off; issue 28 candidate)
 
     def __post_init__(self):
         if self.hinge not in HINGES:
             raise ValueError(f"hinge must be one of {HINGES}, got {self.hinge!r}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
-        for option in ("lam", "eps", "lr", "momentum", "weight_decay", "distill", "distill_temperature"):
+        for option in ("lam", "eps", "lr", "momentum", "weight_decay", "distill", "distill_temperature",
+                       "mixup"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{option} must be a finite number ≥ 0, got {value!r} (default "
@@ -158,9 +160,25 @@ def warm_start(weights: Dict[str, torch.Tensor], mode: str, generator: torch.Gen
         w.copy_(fresh * scale)
 
 
-def clean_hinge(logits: torch.Tensor, labels: torch.Tensor, eps: float, mode: str = "sample"):
-    """Hinge on the clean loss: mean_i relu(CE_i − ε) ("sample") or relu(mean_i CE_i − ε) ("batch")."""
-    per_sample = F.cross_entropy(logits, labels, reduction="none")
+def mixed(inputs: torch.Tensor, labels: torch.Tensor, alpha: float):
+    """Mixup (Zhang et al. 2018): each image blended with another of the batch by a ~ Beta(α, α); returns the
+    mixed images and soft targets (a·onehot(y) + (1 − a)·onehot(y_other)). Draws from torch's global RNG."""
+    a = torch.distributions.Beta(alpha, alpha).sample((len(inputs),)).to(inputs.device)
+    other = torch.randperm(len(inputs)).to(inputs.device)
+    shape = (-1,) + (1,) * (inputs.dim() - 1)
+    images = a.view(shape) * inputs + (1 - a.view(shape)) * inputs[other]
+    return images, (labels, labels[other], a)
+
+
+def clean_hinge(logits: torch.Tensor, labels, eps: float, mode: str = "sample"):
+    """Hinge on the clean loss: mean_i relu(CE_i − ε) ("sample") or relu(mean_i CE_i − ε) ("batch"); `labels`
+    may be mixup's (labels, other labels, a)."""
+    if isinstance(labels, tuple):
+        first, second, a = labels
+        per_sample = (a * F.cross_entropy(logits, first, reduction="none")
+                      + (1 - a) * F.cross_entropy(logits, second, reduction="none"))
+    else:
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
     hinge = F.relu(per_sample - eps).mean() if mode == "sample" else F.relu(per_sample.mean() - eps)
     return hinge, per_sample.mean()
 
@@ -180,6 +198,8 @@ def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor]
     device = next(iter(weights.values())).device
 
     def d3_loss(model, inputs, labels):
+        if config.mixup > 0:
+            inputs, labels = mixed(inputs, labels, config.mixup)
         logits = model(inputs).float()
         hinge, clean_loss = clean_hinge(logits, labels, config.eps, config.hinge)
         with full_precision(device):  # the distance stays fp32 under autocast
@@ -237,7 +257,7 @@ def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Confi
     if checkpoint is not None:  # the warm start above is seeded: a resumed run redoes it, then loads θ
         settings = {name: getattr(config, name) for name in ("lam", "eps", "hinge", "normalize", "warm_start",
                     "layers", "lr", "momentum", "weight_decay", "bn_train", "seed", "distill",
-                    "distill_temperature")}  # epochs: fit checks them
+                    "distill_temperature", "mixup")}  # epochs: fit checks them
         checkpoint = EpochCheckpoint(getattr(checkpoint, "path", checkpoint),
                                      {"theta_init": initial, "norms": norms, "settings": settings})
     history = fit(model, clean_batches, optimizer, objective(weights, initial, config, teacher), config.epochs,
