@@ -71,6 +71,8 @@ class D3Config:
     distill: float = 0.0  # weight of the input model's clean soft labels (0 = off; issue 28 candidate)
     distill_temperature: float = 2.0
     mixup: float = 0.0  # Beta(α, α) of mixup on the clean batches (0 = off; issue 28 candidate)
+    unlearn: float = 0.0  # weight of the true-label loss under the input model's shortcut δ (0 = off; issue 28)
+    unlearn_eps: float = 0.1  # the shortcut's pixel L∞ budget
 
     def __post_init__(self):
         if self.hinge not in HINGES:
@@ -78,7 +80,7 @@ class D3Config:
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
         for option in ("lam", "eps", "lr", "momentum", "weight_decay", "distill", "distill_temperature",
-                       "mixup"):
+                       "mixup", "unlearn", "unlearn_eps"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{option} must be a finite number ≥ 0, got {value!r} (default "
@@ -190,14 +192,34 @@ def soft_label_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2
 
 
+SHORTCUT_IMAGES = 256  # reserved images the input model's shortcut is fitted on
+
+
+def input_shortcut(model: nn.Module, clean_batches, eps: float):
+    """(δ, box): the universal perturbation (pixel L∞ ≤ eps) that sends the most clean images to one class on
+    the input model (d3_plugin.probe; on a backdoored model that class is the target, δ the shortcut to it),
+    fitted on the first SHORTCUT_IMAGES reserved images without augmentation."""
+    from .data import Loader
+    from .defenses.adversarial import input_box
+    from .probe import ProbeConfig, class_scores, universal_perturbation
+    box = input_box(clean_batches)
+    plain = Loader(clean_batches.data.subset(torch.arange(min(SHORTCUT_IMAGES, len(clean_batches.data)))),
+                   clean_batches.spec, SHORTCUT_IMAGES, device=clean_batches.device)
+    probe = ProbeConfig(eps=eps, steps=20, step_size=eps / 5)
+    target = max((scores := class_scores(model, plain, clean_batches.spec, probe)), key=scores.get)
+    inputs, labels = next(iter(plain))
+    return universal_perturbation(model, inputs[labels != target], target, box, probe), box
+
+
 def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor], config: D3Config,
-              teacher: Optional[nn.Module] = None):
+              teacher: Optional[nn.Module] = None, shortcut=None):
     """The D3 loss −d + λ·hinge (divided by λ + 1 when `normalize` and λ > 1) as a training objective; with
     a `teacher` (the input model) also + distill·soft_label_loss on the same clean batch."""
     scale = 1.0 / (config.lam + 1.0) if config.normalize and config.lam > 1 else 1.0
     device = next(iter(weights.values())).device
 
     def d3_loss(model, inputs, labels):
+        clean_inputs, true_labels = inputs, labels
         if config.mixup > 0:
             inputs, labels = mixed(inputs, labels, config.mixup)
         logits = model(inputs).float()
@@ -212,6 +234,11 @@ def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor]
             soft = soft_label_loss(logits, teacher_logits, config.distill_temperature)
             loss = loss + config.distill * soft
             stats["distill"] = soft.detach()
+        if shortcut is not None:  # the true class despite the input model's shortcut
+            delta, box = shortcut
+            unlearned = F.cross_entropy(model(box.clamp(clean_inputs + delta)).float(), true_labels)
+            loss = loss + config.unlearn * unlearned
+            stats["unlearn"] = unlearned.detach()
         loss = loss * scale
         return loss, {"loss": loss.detach(), **stats}
     return d3_loss
@@ -250,6 +277,7 @@ def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Confi
     initial = {name: w.detach().clone() for name, w in weights.items()}
     norms = {name: torch.linalg.vector_norm(w) for name, w in initial.items()}
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.distill > 0 else None
+    shortcut = input_shortcut(model, clean_batches, config.unlearn_eps) if config.unlearn > 0 else None
     warm_start(weights, config.warm_start, torch.Generator().manual_seed(config.seed))
     optimizer = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
     precision = resolve_precision(config.precision, model_device(model), model=model,
@@ -257,10 +285,11 @@ def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Confi
     if checkpoint is not None:  # the warm start above is seeded: a resumed run redoes it, then loads θ
         settings = {name: getattr(config, name) for name in ("lam", "eps", "hinge", "normalize", "warm_start",
                     "layers", "lr", "momentum", "weight_decay", "bn_train", "seed", "distill",
-                    "distill_temperature", "mixup")}  # epochs: fit checks them
+                    "distill_temperature", "mixup", "unlearn", "unlearn_eps")}  # epochs: fit checks them
         checkpoint = EpochCheckpoint(getattr(checkpoint, "path", checkpoint),
                                      {"theta_init": initial, "norms": norms, "settings": settings})
-    history = fit(model, clean_batches, optimizer, objective(weights, initial, config, teacher), config.epochs,
+    history = fit(model, clean_batches, optimizer, objective(weights, initial, config, teacher, shortcut),
+                  config.epochs,
                   scheduler=cosine(optimizer, config.epochs), after_step=lambda _: project(weights, norms),
                   bn_train=config.bn_train, on_epoch=on_epoch, on_epoch_every=config.eval_every,
                   precision=precision, progress=progress, checkpoint=checkpoint)
