@@ -263,3 +263,31 @@ def test_same_seed_same_history_different_seed_different():
     assert [row["epoch"] for row in h1] == [1, 2, 3]
     assert {"lr", "loss", "clean_loss", "hinge", "distance"} <= set(h1[0])
     assert all(math.isfinite(v) for row in h1 for v in row.values())
+
+
+# ---------------------------------------------------------------- candidates of issue 28 (off by default)
+
+def test_mixup_mixes_pairs_of_the_batch_and_the_hinge_takes_its_soft_targets():
+    torch.manual_seed(0)
+    x, y = tiny_batches()[0]
+    images, (first, second, a) = d3.mixed(x, y, 1.0)
+    assert torch.equal(first, y) and sorted(second.tolist()) == sorted(y.tolist())  # a permutation of the labels
+    assert ((a >= 0) & (a <= 1)).all()
+    logits = torch.randn(len(x), 3)
+    _, mixed_loss = d3.clean_hinge(logits, (first, second, a), 0.0)
+    expected = (a * F.cross_entropy(logits, first, reduction="none")
+                + (1 - a) * F.cross_entropy(logits, second, reduction="none")).mean()
+    assert mixed_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_unlearning_shortcut_stays_in_its_budget_and_enters_the_objective():
+    from d3_plugin.data import DatasetSpec, ImageSet, Loader
+    spec = DatasetSpec("tiny", 3, 1, 4, (0.5,), (0.5,))
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (48, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(48) % 3)
+    batches = Loader(data, spec, 16, train=True, seed=0)
+    model = tiny_model()
+    delta, box = d3.input_shortcut(model, batches, eps=0.1)
+    assert delta.shape == (1, 1, 4, 4) and (delta / box.scale).abs().max() <= 0.1 + 1e-6
+    purified, history = detoxify(model, batches, D3Config(epochs=1, lr=0.1, unlearn=1.0))
+    assert math.isfinite(history[0]["unlearn"])
