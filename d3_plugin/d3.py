@@ -21,6 +21,11 @@ Defaults and their source (paper = arXiv 2411.09585; code = the authors' defense
     cosine schedule, batch 256,
     bn_train=True, epochs=100       code (CIFAR-10)
 
+Candidates measured for issue 28, all off by default (docs/d3-efficacy.md has their numbers): distill (weight
+of T²·KL to the input model's soft labels on the clean batches, temperature distill_temperature), mixup (Beta α
+of mixup on the clean batches), unlearn (weight of the true-label loss under the input model's universal
+perturbation towards its easiest class, pixel L∞ unlearn_eps).
+
 PRESETS["paper"] restores the paper's λ 10 (and, through models.default_layers(name, "paper"), its θs).
 
 Run settings (not the algorithm's): precision="auto" (d3_plugin.precision: bf16 autocast on a CPU with
