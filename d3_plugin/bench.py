@@ -133,6 +133,24 @@ def poisoned_only(bd_test: ImageSet) -> ImageSet:
     return bd_test if len(keep) == len(bd_test) else bd_test.subset(keep)
 
 
+TEST_HALVES = ("dev", "test")  # even / odd indices of the clean and the poisoned test sets
+
+
+def on_test_half(bench: Bench, half: Optional[str]) -> Bench:
+    """The bench measured on half of its test sets: `dev` (even indices) to choose settings on, `test` (odd
+    ones) to report them; None keeps the whole sets."""
+    if half is None:
+        return bench
+    if half not in TEST_HALVES:
+        raise ValueError(f"test_half {half!r} is not one of {', '.join(TEST_HALVES)}; leave it out for the whole test sets")
+    start = TEST_HALVES.index(half)
+
+    def halved(data: ImageSet) -> ImageSet:
+        return data.subset(torch.arange(start, len(data), 2))
+    return replace(bench, clean_test=halved(bench.clean_test), bd_test=halved(bench.bd_test),
+                   identity={**bench.identity, "test_half": half})
+
+
 def bench_from_record(record, *, ratio: Optional[float] = 0.05, seed: int = 0, device: str = "auto",
                       index_file: Optional[str] = None, model: Optional[nn.Module] = None,
                       data: str = "clean", eval_batch_size: Optional[int] = None, precision: Any = "fp32") -> Bench:

@@ -21,6 +21,11 @@ Defaults and their source (paper = arXiv 2411.09585; code = the authors' defense
     cosine schedule, batch 256,
     bn_train=True, epochs=100       code (CIFAR-10)
 
+Candidates measured for issue 28, all off by default (docs/d3-efficacy.md has their numbers): distill (weight
+of T²·KL to the input model's soft labels on the clean batches, temperature distill_temperature), mixup (Beta α
+of mixup on the clean batches), unlearn (weight of the true-label loss under the input model's universal
+perturbation towards its easiest class, pixel L∞ unlearn_eps).
+
 PRESETS["paper"] restores the paper's λ 10 (and, through models.default_layers(name, "paper"), its θs).
 
 Run settings (not the algorithm's): precision="auto" (d3_plugin.precision: bf16 autocast on a CPU with
@@ -68,17 +73,25 @@ class D3Config:
     channels_last: Optional[bool] = None
     eval_every: int = 1
     eval_batch_size: Optional[int] = None
+    distill: float = 0.0  # weight of the input model's clean soft labels (0 = off; issue 28 candidate)
+    distill_temperature: float = 2.0
+    mixup: float = 0.0  # Beta(α, α) of mixup on the clean batches (0 = off; issue 28 candidate)
+    unlearn: float = 0.0  # weight of the true-label loss under the input model's shortcut δ (0 = off; issue 28)
+    unlearn_eps: float = 0.1  # the shortcut's pixel L∞ budget
 
     def __post_init__(self):
         if self.hinge not in HINGES:
             raise ValueError(f"hinge must be one of {HINGES}, got {self.hinge!r}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
-        for option in ("lam", "eps", "lr", "momentum", "weight_decay"):
+        for option in ("lam", "eps", "lr", "momentum", "weight_decay", "distill", "distill_temperature",
+                       "mixup", "unlearn", "unlearn_eps"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{option} must be a finite number ≥ 0, got {value!r} (default "
                                  f"{getattr(D3Config, option)})")
+        if self.distill_temperature == 0:
+            raise ValueError("distill_temperature must be > 0 (the softmax temperature of the soft labels), got 0")
         if self.lr == 0 or self.momentum >= 1:
             raise ValueError(f"lr must be > 0 and momentum < 1, got lr {self.lr!r}, momentum {self.momentum!r}")
         for option, least in (("epochs", 0), ("batch_size", 1)):
@@ -158,25 +171,85 @@ def warm_start(weights: Dict[str, torch.Tensor], mode: str, generator: torch.Gen
         w.copy_(fresh * scale)
 
 
-def clean_hinge(logits: torch.Tensor, labels: torch.Tensor, eps: float, mode: str = "sample"):
-    """Hinge on the clean loss: mean_i relu(CE_i − ε) ("sample") or relu(mean_i CE_i − ε) ("batch")."""
-    per_sample = F.cross_entropy(logits, labels, reduction="none")
+def mixed(inputs: torch.Tensor, labels: torch.Tensor, alpha: float):
+    """Mixup (Zhang et al. 2018): each image blended with another of the batch by a ~ Beta(α, α); returns the
+    mixed images and soft targets (a·onehot(y) + (1 − a)·onehot(y_other)). Draws from torch's global RNG."""
+    a = torch.distributions.Beta(alpha, alpha).sample((len(inputs),)).to(inputs.device)
+    other = torch.randperm(len(inputs)).to(inputs.device)
+    shape = (-1,) + (1,) * (inputs.dim() - 1)
+    images = a.view(shape) * inputs + (1 - a.view(shape)) * inputs[other]
+    return images, (labels, labels[other], a)
+
+
+def clean_hinge(logits: torch.Tensor, labels, eps: float, mode: str = "sample"):
+    """Hinge on the clean loss: mean_i relu(CE_i − ε) ("sample") or relu(mean_i CE_i − ε) ("batch"); `labels`
+    may be mixup's (labels, other labels, a)."""
+    if isinstance(labels, tuple):
+        first, second, a = labels
+        per_sample = (a * F.cross_entropy(logits, first, reduction="none")
+                      + (1 - a) * F.cross_entropy(logits, second, reduction="none"))
+    else:
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
     hinge = F.relu(per_sample - eps).mean() if mode == "sample" else F.relu(per_sample.mean() - eps)
     return hinge, per_sample.mean()
 
 
-def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor], config: D3Config):
-    """The D3 loss −d + λ·hinge (divided by λ + 1 when `normalize` and λ > 1) as a training objective."""
+def soft_label_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), the batch mean (Hinton et al.'s distillation loss)."""
+    teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    student = F.log_softmax(logits / temperature, dim=1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+SHORTCUT_IMAGES = 256  # reserved images the input model's shortcut is fitted on
+
+
+def input_shortcut(model: nn.Module, clean_batches, eps: float):
+    """(δ, box): the universal perturbation (pixel L∞ ≤ eps) that sends the most clean images to one class on
+    the input model (d3_plugin.probe; on a backdoored model that class is the target, δ the shortcut to it),
+    fitted on the first SHORTCUT_IMAGES reserved images without augmentation."""
+    from .data import Loader
+    from .defenses.adversarial import input_box
+    from .probe import ProbeConfig, class_scores, universal_perturbation
+    box = input_box(clean_batches)
+    plain = Loader(clean_batches.data.subset(torch.arange(min(SHORTCUT_IMAGES, len(clean_batches.data)))),
+                   clean_batches.spec, SHORTCUT_IMAGES, device=clean_batches.device)
+    probe = ProbeConfig(eps=eps, steps=20, step_size=eps / 5)
+    target = max((scores := class_scores(model, plain, clean_batches.spec, probe)), key=scores.get)
+    inputs, labels = next(iter(plain))
+    return universal_perturbation(model, inputs[labels != target], target, box, probe), box
+
+
+def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor], config: D3Config,
+              teacher: Optional[nn.Module] = None, shortcut=None):
+    """The D3 loss −d + λ·hinge (divided by λ + 1 when `normalize` and λ > 1) as a training objective; with
+    a `teacher` (the input model) also + distill·soft_label_loss on the same clean batch."""
     scale = 1.0 / (config.lam + 1.0) if config.normalize and config.lam > 1 else 1.0
     device = next(iter(weights.values())).device
 
     def d3_loss(model, inputs, labels):
-        hinge, clean_loss = clean_hinge(model(inputs).float(), labels, config.eps, config.hinge)
+        clean_inputs, true_labels = inputs, labels
+        if config.mixup > 0:
+            inputs, labels = mixed(inputs, labels, config.mixup)
+        logits = model(inputs).float()
+        hinge, clean_loss = clean_hinge(logits, labels, config.eps, config.hinge)
         with full_precision(device):  # the distance stays fp32 under autocast
             dist = distance(weights, initial)
-        loss = (config.lam * hinge - dist) * scale
-        return loss, {"loss": loss.detach(), "clean_loss": clean_loss.detach(),
-                      "hinge": hinge.detach(), "distance": dist.detach()}
+        loss = config.lam * hinge - dist
+        stats = {"clean_loss": clean_loss.detach(), "hinge": hinge.detach(), "distance": dist.detach()}
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(inputs).float()
+            soft = soft_label_loss(logits, teacher_logits, config.distill_temperature)
+            loss = loss + config.distill * soft
+            stats["distill"] = soft.detach()
+        if shortcut is not None:  # the true class despite the input model's shortcut
+            delta, box = shortcut
+            unlearned = F.cross_entropy(model(box.clamp(clean_inputs + delta)).float(), true_labels)
+            loss = loss + config.unlearn * unlearned
+            stats["unlearn"] = unlearned.detach()
+        loss = loss * scale
+        return loss, {"loss": loss.detach(), **stats}
     return d3_loss
 
 
@@ -212,16 +285,20 @@ def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Confi
     weights = select_weights(model, config.layers)
     initial = {name: w.detach().clone() for name, w in weights.items()}
     norms = {name: torch.linalg.vector_norm(w) for name, w in initial.items()}
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.distill > 0 else None
+    shortcut = input_shortcut(model, clean_batches, config.unlearn_eps) if config.unlearn > 0 else None
     warm_start(weights, config.warm_start, torch.Generator().manual_seed(config.seed))
     optimizer = sgd(model.parameters(), config.lr, config.momentum, config.weight_decay)
     precision = resolve_precision(config.precision, model_device(model), model=model,
                                   channels_last=config.channels_last)
     if checkpoint is not None:  # the warm start above is seeded: a resumed run redoes it, then loads θ
         settings = {name: getattr(config, name) for name in ("lam", "eps", "hinge", "normalize", "warm_start",
-                    "layers", "lr", "momentum", "weight_decay", "bn_train", "seed")}  # epochs: fit checks them
+                    "layers", "lr", "momentum", "weight_decay", "bn_train", "seed", "distill",
+                    "distill_temperature", "mixup", "unlearn", "unlearn_eps")}  # epochs: fit checks them
         checkpoint = EpochCheckpoint(getattr(checkpoint, "path", checkpoint),
                                      {"theta_init": initial, "norms": norms, "settings": settings})
-    history = fit(model, clean_batches, optimizer, objective(weights, initial, config), config.epochs,
+    history = fit(model, clean_batches, optimizer, objective(weights, initial, config, teacher, shortcut),
+                  config.epochs,
                   scheduler=cosine(optimizer, config.epochs), after_step=lambda _: project(weights, norms),
                   bn_train=config.bn_train, on_epoch=on_epoch, on_epoch_every=config.eval_every,
                   precision=precision, progress=progress, checkpoint=checkpoint)

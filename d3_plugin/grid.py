@@ -48,7 +48,7 @@ from .errors import one_line
 from .files import StagedFolder, write_json
 
 GRID_KEYS = {"out", "grids", "seeds", "epochs", "ratio", "device", "data_root", "attacks", "defenses", "sweep",
-             "reserved_source", "calibrate", "calibrate_set", "dataset", "model"}
+             "reserved_source", "calibrate", "calibrate_set", "dataset", "model", "test_half"}
 ATTACK_KEYS = {"record", "attack", "name", "from", "params", "epochs", "train_size", "model", "dataset", "ratio",
                "target", "seed", "rho", "lr", "batch_size", "sam_epochs", "eval_every"}
 UNRECORDED_KEYS = {"eval_every"}  # attack options that change what is measured while training, not the record
@@ -171,6 +171,8 @@ def plan(raw: Mapping[str, Any], out: Path, base: Path = Path("."), records: Opt
     settings = {k: raw.get(k) for k in ("epochs", "ratio", "device", "data_root", "reserved_source", "calibrate",
                                          "calibrate_set")}
     settings["device"] = settings["device"] or "auto"
+    if raw.get("test_half") is not None:  # only when set: the cells of grids without it keep their keys
+        settings["test_half"] = raw["test_half"]
     ratios = settings.pop("ratio")
     ratios = ratios if isinstance(ratios, list) and ratios else [0.05 if ratios is None else ratios]
     variants = []  # a list of ratios sweeps the reserved fraction too (the paper's Table 3)
@@ -328,6 +330,8 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
         parse_source(str(settings["reserved_source"]))
     if settings["calibrate"]:
         registry.build_calibration(settings["calibrate"], **dict(settings["calibrate_set"] or {}))
+    if settings.get("test_half") not in (None, "dev", "test"):
+        raise GridError(f"test_half must be dev (even test indices) or test (odd ones), got {settings['test_half']!r}")
 
 
 def _keyed(cell: Cell) -> Cell:
@@ -446,12 +450,13 @@ def _cell_identity(cell: Cell) -> Dict[str, Any]:
 
 def _measure(cell: Cell) -> Dict[str, Any]:
     from .backdoorbench.records import load_attack_result
-    from .bench import bench_from_record, with_auxiliary
+    from .bench import bench_from_record, on_test_half, with_auxiliary
     from .compare import build_for, run_native
 
     settings = cell.settings
     record = load_attack_result(cell.folder, settings.get("data_root"))
     bench = bench_from_record(record, ratio=settings["ratio"], seed=cell.seed, device=settings["device"])
+    bench = on_test_half(bench, settings.get("test_half"))
     if cell.defense == NO_DEFENSE:
         return {**bench.evaluate(bench.model), "seconds": 0.0}
     calibration = None

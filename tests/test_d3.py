@@ -164,6 +164,36 @@ def test_objective_normalisation_only_when_lambda_above_one(lam, normalize, fact
     assert stats["hinge"].item() == pytest.approx(stats["clean_loss"].item(), rel=1e-5)  # ε = 0
 
 
+def test_soft_label_loss_is_zero_at_the_teacher_and_matches_t2_kl():
+    logits, teacher = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.5]])
+    assert d3.soft_label_loss(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-7)
+    p, q = F.softmax(teacher / 2, 1), F.softmax(logits / 2, 1)
+    expected = 4 * (p * (p.log() - q.log())).sum()
+    assert d3.soft_label_loss(logits, teacher, 2.0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_distillation_adds_its_weighted_term_and_is_off_by_default():
+    model, teacher = tiny_model(), tiny_model(1)
+    weights = select_weights(model)
+    initial = {name: w.detach() + 0.3 for name, w in weights.items()}
+    x, y = tiny_batches()[0]
+    plain, plain_stats = d3.objective(weights, initial, D3Config())(model, x, y)
+    config = D3Config(distill=2.0, distill_temperature=3.0)
+    loss, stats = d3.objective(weights, initial, config, teacher)(model, x, y)
+    soft = d3.soft_label_loss(model(x), teacher(x), 3.0)
+    assert "distill" not in plain_stats and stats["distill"].item() == pytest.approx(soft.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + 2.0 * soft.item(), rel=1e-5)
+
+
+def test_detoxify_distils_from_the_input_model_it_was_given():
+    model = tiny_model()
+    purified, history = detoxify(model, tiny_batches(), D3Config(epochs=2, lr=0.1, distill=1.0))
+    assert all("distill" in row and math.isfinite(row["distill"]) for row in history)
+    assert all(p.requires_grad for p in model.parameters())  # the input model (the teacher's source) is untouched
+    _, plain = detoxify(model, tiny_batches(), D3Config(epochs=2, lr=0.1))
+    assert "distill" not in plain[0]
+
+
 # ---------------------------------------------------------------- warm start
 
 def _weights(seed=0):
@@ -215,7 +245,8 @@ def test_config_rejects_unknown_options():
     ("lr", float("nan"), "lr must be a finite number"), ("lam", float("inf"), "lam must be a finite number"),
     ("eps", float("nan"), "eps must be a finite number"), ("weight_decay", -1.0, "weight_decay must be"),
     ("lr", 0.0, "lr must be > 0"), ("momentum", 1.0, "momentum < 1"), ("batch_size", 0, "batch_size must be an integer ≥ 1"),
-    ("epochs", -1, "epochs must be an integer ≥ 0"), ("epochs", 2.5, "epochs must be an integer")])
+    ("epochs", -1, "epochs must be an integer ≥ 0"), ("epochs", 2.5, "epochs must be an integer"),
+    ("distill", -1.0, "distill must be a finite number"), ("distill_temperature", 0.0, "distill_temperature must be > 0")])
 def test_config_rejects_non_finite_and_out_of_range_settings_in_one_line(option, value, message):
     with pytest.raises(ValueError, match=message) as error:
         D3Config(**{option: value})
@@ -236,3 +267,31 @@ def test_same_seed_same_history_different_seed_different():
     assert [row["epoch"] for row in h1] == [1, 2, 3]
     assert {"lr", "loss", "clean_loss", "hinge", "distance"} <= set(h1[0])
     assert all(math.isfinite(v) for row in h1 for v in row.values())
+
+
+# ---------------------------------------------------------------- candidates of issue 28 (off by default)
+
+def test_mixup_mixes_pairs_of_the_batch_and_the_hinge_takes_its_soft_targets():
+    torch.manual_seed(0)
+    x, y = tiny_batches()[0]
+    images, (first, second, a) = d3.mixed(x, y, 1.0)
+    assert torch.equal(first, y) and sorted(second.tolist()) == sorted(y.tolist())  # a permutation of the labels
+    assert ((a >= 0) & (a <= 1)).all()
+    logits = torch.randn(len(x), 3)
+    _, mixed_loss = d3.clean_hinge(logits, (first, second, a), 0.0)
+    expected = (a * F.cross_entropy(logits, first, reduction="none")
+                + (1 - a) * F.cross_entropy(logits, second, reduction="none")).mean()
+    assert mixed_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_unlearning_shortcut_stays_in_its_budget_and_enters_the_objective():
+    from d3_plugin.data import DatasetSpec, ImageSet, Loader
+    spec = DatasetSpec("tiny", 3, 1, 4, (0.5,), (0.5,))
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (48, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(48) % 3)
+    batches = Loader(data, spec, 16, train=True, seed=0)
+    model = tiny_model()
+    delta, box = d3.input_shortcut(model, batches, eps=0.1)
+    assert delta.shape == (1, 1, 4, 4) and (delta / box.scale).abs().max() <= 0.1 + 1e-6
+    purified, history = detoxify(model, batches, D3Config(epochs=1, lr=0.1, unlearn=1.0))
+    assert math.isfinite(history[0]["unlearn"])

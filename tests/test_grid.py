@@ -294,3 +294,29 @@ def test_the_shipped_reproduction_grid_file_plans(tmp_path):
                                              "budget_sau", "budget_preact"]
     assert sum(len(g.cells) for g in planned) == 486
     assert len({job.folder for g in planned for job in g.attacks}) == 14
+
+
+def test_a_test_half_measures_even_or_odd_test_images_and_keys_its_own_cells(made, tmp_path):
+    import torch
+    from d3_plugin.backdoorbench.records import load_attack_result
+    from d3_plugin.bench import bench_from_record, on_test_half
+    root, data = made
+    bench = bench_from_record(load_attack_result(root / "record" / "badnets", str(data)), ratio=0.1, device="cpu")
+    halves = {half: on_test_half(bench, half) for half in ("dev", "test")}
+    for start, half in enumerate(("dev", "test")):
+        for name in ("clean_test", "bd_test"):
+            assert torch.equal(getattr(halves[half], name).source_index, getattr(bench, name).source_index[start::2])
+    whole = tiny(made, tmp_path / "whole", seeds=[0])
+    dev, test = (tiny(made, tmp_path / half, seeds=[0], test_half=half) for half in ("dev", "test"))
+    assert all("test_half" not in cell.settings for cell in whole.cells), "grids without it keep their cell keys"
+    assert {cell.key for cell in dev.cells}.isdisjoint({cell.key for cell in test.cells} | {c.key for c in whole.cells})
+    no_defense = run_grid(dev, LocalPool(1), progress=False)[0]
+    assert no_defense["acc"] == pytest.approx(halves["dev"].evaluate(halves["dev"].model)["acc"])
+    with pytest.raises(GridError, match="test_half must be dev"):
+        tiny(made, tmp_path / "bad", test_half="held-out")
+
+
+def test_the_shipped_efficacy_grid_file_plans(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "d3_efficacy.yaml"
+    (dev,) = grids.load_grids(path, out=str(tmp_path))
+    assert dev.cells and all(cell.settings["test_half"] == "dev" for cell in dev.cells)
