@@ -90,7 +90,7 @@ def test_clipping_keeps_clean_logits_and_pulls_outlying_activations_back(fashion
 
     def change(a, b, claim):
         return observed(f"badacts: {claim}", float(((a - b) ** 2).mean()) / scale)
-    # measured (÷ the clean logits' variance): 0.012–0.058, 0.58–9.7, 0.67–10.9, 0.006–0.070
+    # measured (÷ the clean logits' variance): 0.012–0.058, 0.38–23, 0.43–21, 0.006–0.19
     assert change(clean_clipped, clean, "clean logits moved by clipping") < 0.1  # unseen clean images: nearly unchanged
     assert change(attacked, clean, "logits moved by the patch") > 0.3  # the patch moves the victim's logits a lot
     assert change(attacked_clipped, attacked, "patched logits moved by clipping") > 0.3  # clipping changes them ...

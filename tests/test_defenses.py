@@ -16,7 +16,7 @@ from conftest import TEST_SEED, observed
 pytestmark = pytest.mark.trained  # see conftest.py
 
 
-def test_the_fixture_model_is_backdoored(backdoored):  # measured: ASR 0.972–0.994, ACC 0.805–0.816
+def test_the_fixture_model_is_backdoored(backdoored):  # measured: ASR 0.966–0.994, ACC 0.799–0.819
     assert observed("fixture: ASR", backdoored.before["asr"]) >= 0.95, backdoored.before
     assert observed("fixture: ACC", backdoored.before["acc"]) >= 0.75, backdoored.before
 
@@ -85,7 +85,7 @@ def test_fp_prunes_the_largest_least_active_prefix_within_its_tolerance_and_keep
         chosen[ratio] = units
     assert len(chosen[0.0]) <= len(chosen[0.1]) <= len(chosen[0.5])
     # Behavioural: half the accuracy as tolerance prunes some units of the fixture model; measured (seeds 0–5,
-    # threads 1–2, benchmarks/test_margins.py): 35–53 of 64.
+    # threads 1–2, benchmarks/test_margins.py): 33–56 of 64.
     loose = chosen[0.5]
     assert observed("fp: units pruned at acc_ratio 0.5 (of 64)", len(loose)) > 0
     purified, history = fine_prune(model, Loader(reserved, spec, 128, train=True), FPConfig(acc_ratio=0.5, epochs=1))

@@ -132,7 +132,7 @@ def test_aft_lowers_asr(setting):
     after = evaluate(purified, *setting.test_loaders())
     assert [row["epoch"] for row in history] == [1, 2]
     assert changed(purified, setting.model)
-    assert observed("aft, 2 epochs: ASR drop", setting.before["asr"] - after["asr"]) > 0.2  # measured 0.45–0.80
+    assert observed("aft, 2 epochs: ASR drop", setting.before["asr"] - after["asr"]) > 0.2  # measured 0.45–0.84
 
 
 def test_pbe_progressive_runs_without_labels(setting):

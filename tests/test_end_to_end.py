@@ -29,8 +29,8 @@ def test_d3_removes_the_backdoor_and_keeps_accuracy(backdoored, monkeypatch, nat
     config = D3Config(epochs=5, lr=0.1, batch_size=64, seed=0, layers=default_layers("small_cnn"))
     purified, history = detoxify(model, backdoored.reserved_batches(config.batch_size), config)
     after = backdoored.evaluate(purified)
-    # measured (fixture seeds 0–5 × threads 1–2, both CPU branches; benchmarks/test_margins.py): ASR 0.002–0.072,
-    # ACC drop 0.12–0.18 (5 short epochs; longer runs recover ACC), RA gain 0.60–0.70, DER 0.875–0.917
+    # measured (fixture seeds 0–5 × threads 1–2, both CPU branches; benchmarks/test_margins.py): ASR 0.002–0.095,
+    # ACC drop 0.12–0.18 (5 short epochs; longer runs recover ACC), RA gain 0.59–0.70, DER 0.862–0.917
     claim = f"e2e d3 {'bf16' if native_bf16 else 'fp32'} CPU"
     assert observed(f"{claim}: ASR after", after["asr"]) < 0.15, after
     assert observed(f"{claim}: ACC drop", before["acc"] - after["acc"]) <= 0.25, (before, after)

@@ -34,7 +34,7 @@ def test_every_calibrated_image_stays_within_delta(backdoored, auxiliary, norm, 
     change = (calibrated.images.float() - auxiliary.images.float()).flatten(1) / 255
     per_image = change.abs().amax(1) if norm == "linf" else change.norm(dim=1)
     assert per_image.max() <= delta + 1e-6
-    used = observed(f"gic {norm}: largest change / delta", per_image.max() / delta)  # measured 0.978–1
+    used = observed(f"gic {norm}: largest change / delta", per_image.max() / delta)  # measured 0.968–1
     assert used > 0.5, "the calibration did not use its budget at all"
     assert report["max_change"] == pytest.approx(float(per_image.max()), abs=1e-6)
 
@@ -44,7 +44,7 @@ def test_out_of_distribution_inputs_move_towards_the_running_statistics(backdoor
     in_distribution = bn_distance(model, backdoored.reserved.images[:192], spec, "cpu")
     calibrated, report = gic(model, auxiliary, spec, GICConfig(delta=32 / 255, **FAST))
     assert report["bn_before"] == pytest.approx(bn_distance(model, auxiliary.images, spec, "cpu"))
-    # measured 6.7–12.4 and 0.73–0.74
+    # measured 6.7–12.4 and 0.72–0.74
     assert observed("gic: dimmed / in-distribution BN distance", report["bn_before"] / in_distribution) > 1.5
     assert observed("gic: BN distance after / before", report["bn_after"] / report["bn_before"]) < 0.8
     assert report["history"][-1]["bn"] < report["history"][0]["bn"]
