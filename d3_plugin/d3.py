@@ -173,7 +173,8 @@ def warm_start(weights: Dict[str, torch.Tensor], mode: str, generator: torch.Gen
 
 def mixed(inputs: torch.Tensor, labels: torch.Tensor, alpha: float):
     """Mixup (Zhang et al. 2018): each image blended with another of the batch by a ~ Beta(α, α); returns the
-    mixed images and soft targets (a·onehot(y) + (1 − a)·onehot(y_other)). Draws from torch's global RNG."""
+    mixed images and (y, y_other, a), the soft target a·onehot(y) + (1 − a)·onehot(y_other) that clean_hinge
+    takes. Draws from torch's global RNG."""
     a = torch.distributions.Beta(alpha, alpha).sample((len(inputs),)).to(inputs.device)
     other = torch.randperm(len(inputs)).to(inputs.device)
     shape = (-1,) + (1,) * (inputs.dim() - 1)
@@ -206,24 +207,23 @@ SHORTCUT_IMAGES = 256  # reserved images the input model's shortcut is fitted on
 
 def input_shortcut(model: nn.Module, clean_batches, eps: float):
     """(δ, box): the universal perturbation (pixel L∞ ≤ eps) that sends the most clean images to one class on
-    the input model (d3_plugin.probe; on a backdoored model that class is the target, δ the shortcut to it),
-    fitted on the first SHORTCUT_IMAGES reserved images without augmentation."""
+    the input model (d3_plugin.probe, in eval mode; on a backdoored model that class is the target, δ the
+    shortcut to it), fitted on the first SHORTCUT_IMAGES reserved images without augmentation."""
     from .data import Loader
     from .defenses.adversarial import input_box
-    from .probe import ProbeConfig, class_scores, universal_perturbation
-    box = input_box(clean_batches)
+    from .probe import ProbeConfig, class_perturbations
     plain = Loader(clean_batches.data.subset(torch.arange(min(SHORTCUT_IMAGES, len(clean_batches.data)))),
                    clean_batches.spec, SHORTCUT_IMAGES, device=clean_batches.device)
-    probe = ProbeConfig(eps=eps, steps=20, step_size=eps / 5)
-    target = max((scores := class_scores(model, plain, clean_batches.spec, probe)), key=scores.get)
-    inputs, labels = next(iter(plain))
-    return universal_perturbation(model, inputs[labels != target], target, box, probe), box
+    found = class_perturbations(model, plain, clean_batches.spec, ProbeConfig(eps=eps, steps=20, step_size=eps / 5))
+    _, delta = max(found.values(), key=lambda score_delta: score_delta[0])
+    return delta, input_box(clean_batches)
 
 
 def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor], config: D3Config,
               teacher: Optional[nn.Module] = None, shortcut=None):
     """The D3 loss −d + λ·hinge (divided by λ + 1 when `normalize` and λ > 1) as a training objective; with
-    a `teacher` (the input model) also + distill·soft_label_loss on the same clean batch."""
+    a `teacher` (the input model) also + distill·soft_label_loss on the same clean batch, with a `shortcut`
+    (input_shortcut) also + unlearn·CE of the batch under δ with its true labels."""
     scale = 1.0 / (config.lam + 1.0) if config.normalize and config.lam > 1 else 1.0
     device = next(iter(weights.values())).device
 

@@ -330,7 +330,8 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
         parse_source(str(settings["reserved_source"]))
     if settings["calibrate"]:
         registry.build_calibration(settings["calibrate"], **dict(settings["calibrate_set"] or {}))
-    if settings.get("test_half") not in (None, "dev", "test"):
+    from .bench import TEST_HALVES
+    if settings.get("test_half") not in (None, *TEST_HALVES):
         raise GridError(f"test_half must be dev (even test indices) or test (odd ones), got {settings['test_half']!r}")
 
 

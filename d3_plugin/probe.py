@@ -55,14 +55,14 @@ def universal_perturbation(model: nn.Module, inputs: torch.Tensor, target: int, 
     return delta.detach()
 
 
-def class_scores(model: nn.Module, batches, spec, config: ProbeConfig | None = None,
-                 classes: Sequence[int] | None = None) -> Dict[int, float]:
-    """score_c for each class c (module docstring); `batches` yields clean (inputs, labels)."""
+def class_perturbations(model: nn.Module, batches, spec, config: ProbeConfig | None = None,
+                        classes: Sequence[int] | None = None) -> Dict[int, Tuple[float, torch.Tensor]]:
+    """(score_c, δ_c) for each class c (module docstring); `batches` yields clean (inputs, labels)."""
     config = config or ProbeConfig()
     inputs, labels = _stack(batches)
     box = InputBox.from_spec(spec, inputs.device)
     classes = sorted(set(labels.tolist())) if classes is None else list(classes)
-    scores: Dict[int, float] = {}
+    found: Dict[int, Tuple[float, torch.Tensor]] = {}
     with evaluating(model):
         for target in classes:
             others = inputs[labels != target]
@@ -71,8 +71,14 @@ def class_scores(model: nn.Module, batches, spec, config: ProbeConfig | None = N
             delta = universal_perturbation(model, others, target, box, config)
             with torch.no_grad():
                 predicted = model(box.clamp(others + delta)).argmax(1)
-            scores[target] = (predicted == target).float().mean().item()
-    return scores
+            found[target] = ((predicted == target).float().mean().item(), delta)
+    return found
+
+
+def class_scores(model: nn.Module, batches, spec, config: ProbeConfig | None = None,
+                 classes: Sequence[int] | None = None) -> Dict[int, float]:
+    """score_c for each class c (module docstring); `batches` yields clean (inputs, labels)."""
+    return {c: score for c, (score, _) in class_perturbations(model, batches, spec, config, classes).items()}
 
 
 def backdoor_probe(model: nn.Module, batches, spec, config: ProbeConfig | None = None,
