@@ -121,6 +121,29 @@ def test_detoxify_keeps_every_selected_norm_after_real_steps(warm):
                for n, w in select_weights(model, config.layers).items())
 
 
+def test_theta_s_and_the_rest_take_their_own_lr_and_only_theta_s_is_projected():
+    model = tiny_model()
+    config = D3Config(epochs=1, lr=0.5, lr_rest=1e-30, layers=["head"], seed=1)
+    groups = d3.parameter_groups(model, select_weights(model, config.layers), config)
+    assert [len(g["params"]) for g in groups] == [1, len(list(model.parameters())) - 1]
+    assert groups[1]["lr"] == 1e-30 and "lr" not in groups[0]  # θs take the optimizer's lr
+    assert [id(p) for p in d3.parameter_groups(model, {}, D3Config())] == [id(p) for p in model.parameters()]
+    purified, _ = detoxify(model, tiny_batches(), config)
+    before, after = dict(model.named_parameters()), dict(purified.named_parameters())
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert all(torch.allclose(before[n], after[n], atol=1e-12) for n in before if n != "head.weight")
+
+
+def test_the_solver_defaults_per_architecture_and_the_paper_preset():
+    from d3_plugin import registry
+    small, paper = registry.build("d3", model="small_cnn"), registry.build("d3", model="small_cnn", preset="paper")
+    assert (small.config.lr, small.config.lr_rest) == (0.1, 0.01)  # measured: docs/d3-efficacy.md
+    assert (paper.config.lr, paper.config.lr_rest, paper.config.lam) == (0.01, None, 10.0)  # the code's single lr
+    assert registry.build("d3", model="small_cnn", lr=0.05).config.lr_rest == 0.01  # a user's lr moves θs only
+    preact = registry.build("d3", model="preactresnet18")
+    assert (preact.config.lr, preact.config.lr_rest) == (0.01, None)  # not yet measured there: the code's
+
+
 # ---------------------------------------------------------------- hinge and objective
 
 def _logits_with_losses(losses):
@@ -246,7 +269,9 @@ def test_config_rejects_unknown_options():
     ("eps", float("nan"), "eps must be a finite number"), ("weight_decay", -1.0, "weight_decay must be"),
     ("lr", 0.0, "lr must be > 0"), ("momentum", 1.0, "momentum < 1"), ("batch_size", 0, "batch_size must be an integer ≥ 1"),
     ("epochs", -1, "epochs must be an integer ≥ 0"), ("epochs", 2.5, "epochs must be an integer"),
-    ("distill", -1.0, "distill must be a finite number"), ("distill_temperature", 0.0, "distill_temperature must be > 0")])
+    ("distill", -1.0, "distill must be a finite number"), ("distill_temperature", 0.0, "distill_temperature must be > 0"),
+    ("lr_rest", 0.0, "lr_rest must be a finite number > 0"), ("lr_rest", float("nan"), "lr_rest must be"),
+    ("lr_rest", True, "lr_rest must be")])
 def test_config_rejects_non_finite_and_out_of_range_settings_in_one_line(option, value, message):
     with pytest.raises(ValueError, match=message) as error:
         D3Config(**{option: value})
