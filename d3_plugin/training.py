@@ -10,8 +10,9 @@ forward under autocast and conv models and batches in channels_last; weights and
 fp32. fp16 adds a GradScaler: the closure runs once, then `scaler.step(optimizer)` (so not with SAM).
 
 `checkpoint` (an `EpochCheckpoint`) makes a run resumable after a kill: fit saves its whole state after
-every epoch and, when the file exists, continues from it (bit-identical to an uninterrupted run on the
-same hardware, precision and thread count).
+every epoch and, when the file exists, continues from it (on a CPU bit-identical to an uninterrupted run
+on the same hardware, precision and thread count; on a GPU equal up to its nondeterministic kernels:
+docs/gpu.md).
 """
 from __future__ import annotations
 
