@@ -29,7 +29,7 @@ say() {  # STATUS CHECK DETAIL
 
 run() {  # CHECK COMMAND...: PASS when the command exits 0 (its output in WORK/CHECK.log)
   local check="$1"; shift
-  if "$@" > "$WORK/$check.log" 2>&1; then say PASS "$check" "$(tail -n 1 "$WORK/$check.log" | cut -c1-90)"
+  if "$@" > "$WORK/$check.log" 2>&1; then say PASS "$check" "$(grep -v '^[[:space:]|-]*$' "$WORK/$check.log" | tail -n 1 | cut -c1-90)"
   else say FAIL "$check" "exit $?; see $WORK/$check.log"; fi
 }
 
