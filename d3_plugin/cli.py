@@ -28,12 +28,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
-    from .errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, one_line
+    from .errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, is_out_of_memory, one_line, \
+        out_of_memory_line
 
     try:
         return commands[args.command].run(args) or 0
     except (UserError, *INPUT_ERRORS) as error:
         print(f"d3-plugin {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return INPUT_ERROR_STATUS
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        print(f"d3-plugin {args.command}: error: {out_of_memory_line(error)}", file=sys.stderr)
         return INPUT_ERROR_STATUS
     except KeyboardInterrupt:
         print(f"d3-plugin {args.command}: interrupted", file=sys.stderr)

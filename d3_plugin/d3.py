@@ -302,8 +302,9 @@ def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Confi
     before each step), plus whatever `on_epoch(epoch, model)` returns (e.g. ACC/ASR) after every
     `config.eval_every`-th epoch and the last. Training runs in `config.precision` (module docstring).
     `checkpoint` (a path, or an EpochCheckpoint whose path is used): saved after every epoch and resumed
-    from when it exists (training.fit); it is tied to this input model (θs_init, norms) and D3's
-    algorithm settings, so a resume with another model or config is refused.
+    from when it exists (training.fit); it is tied to this input model (θs_init, compared bit for bit on
+    the CPU; not the norms, which differ in the last bit between devices) and D3's algorithm settings, so
+    a resume with another model or config is refused and one on another device is not (docs/gpu.md).
     """
     config = config or D3Config()
     model = copy.deepcopy(model)
@@ -321,7 +322,7 @@ def detoxify(model: nn.Module, clean_batches: Iterable, config: Optional[D3Confi
                     "layers", "lr", "momentum", "weight_decay", "bn_train", "seed", "distill",
                     "distill_temperature", "mixup", "unlearn", "unlearn_eps", "lr_rest")}  # epochs: fit checks them
         checkpoint = EpochCheckpoint(getattr(checkpoint, "path", checkpoint),
-                                     {"theta_init": initial, "norms": norms, "settings": settings})
+                                     {"theta_init": initial, "settings": settings})
     history = fit(model, clean_batches, optimizer, objective(weights, initial, config, teacher, shortcut),
                   config.epochs, scheduler=cosine(optimizer, config.epochs),
                   after_step=lambda _: project(weights, norms),

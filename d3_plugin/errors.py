@@ -12,6 +12,17 @@ from PIL import Image
 # the rest: damaged or hostile files (pickles, YAML, images)
 INPUT_ERRORS = (ValueError, OSError, pickle.UnpicklingError, yaml.YAMLError, Image.DecompressionBombError)
 INPUT_ERROR_STATUS, INTERRUPTED_STATUS = 2, 130
+OUT_OF_MEMORY_FIX = ("lower the batch size (--batch_size, --eval_batch_size, or --set batch_size=N) or free the "
+                     "GPU (docs/gpu.md)")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (torch.cuda's): the machine, not a bug; told as one line with the fix."""
+    return type(error).__name__ == "OutOfMemoryError" and isinstance(error, RuntimeError)
+
+
+def out_of_memory_line(error: BaseException) -> str:
+    return f"out of GPU memory ({one_line(error)[:200]}); {OUT_OF_MEMORY_FIX}"
 
 
 def one_line(error: BaseException) -> str:

@@ -133,8 +133,9 @@ class Normalizer:
 
 
 def objective(model: nn.Module, match: BatchNormMatch, inputs: torch.Tensor, labels: Optional[torch.Tensor],
-              config: GICConfig) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """GIC's loss on one batch of normalised calibrated inputs (the model frozen and in eval mode)."""
+              config: GICConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """GIC's loss on one batch of normalised calibrated inputs (the model frozen and in eval mode), and its
+    parts as detached 0-d tensors (read once an epoch: no host sync per step)."""
     logits = model(inputs).float()
     bn = match.loss()
     probabilities = logits.softmax(1)
@@ -145,11 +146,11 @@ def objective(model: nn.Module, match: BatchNormMatch, inputs: torch.Tensor, lab
     mean_p = probabilities.mean(0)
     balance = (mean_p * mean_p.clamp_min(1e-12).log()).sum()  # −entropy of the mean prediction
     loss = bn + config.confidence_weight * confidence + config.balance_weight * balance
-    return loss, {"bn": bn.item(), "confidence": confidence.item(), "balance": -balance.item()}
+    return loss, {"bn": bn.detach(), "confidence": confidence.detach(), "balance": -balance.detach()}
 
 
 def _pixels(images: torch.Tensor, device) -> torch.Tensor:
-    return images.to(device).float() / 255
+    return images.to(device, non_blocking=True).float() / 255
 
 
 def fit_calibrator(model: nn.Module, data: ImageSet, spec: DatasetSpec, config: GICConfig, *,
@@ -171,19 +172,19 @@ def fit_calibrator(model: nn.Module, data: ImageSet, spec: DatasetSpec, config: 
         with evaluating(model), BatchNormMatch(model) as match:
             for epoch in tqdm(range(1, config.epochs + 1), desc=progress, disable=progress is None, leave=False):
                 order = torch.randperm(len(data), generator=generator)
-                sums: Dict[str, float] = {}
+                sums: Dict[str, torch.Tensor] = {}  # float64, as the Python floats summed before
                 batches = range(0, len(data), config.batch_size)
                 for start in batches:
                     index = order[start:start + config.batch_size]
                     calibrated = normalize(calibrator(_pixels(data.images[index], device)))
-                    loss, parts = objective(model, match, calibrated, labels[index.to(device)] if use_labels else None,
-                                            config)
+                    given = labels[index.to(device, non_blocking=True)] if use_labels else None
+                    loss, parts = objective(model, match, calibrated, given, config)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     for key, value in parts.items():
-                        sums[key] = sums.get(key, 0.0) + value / len(batches)
-                history.append({"epoch": epoch, **sums})
+                        sums[key] = sums.get(key, 0.0) + value.double() / len(batches)
+                history.append({"epoch": epoch, **{key: float(value) for key, value in sums.items()}})
     finally:
         for p in frozen:
             p.requires_grad_(True)

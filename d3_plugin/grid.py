@@ -490,12 +490,13 @@ def no_defense_cells(grid: Grid) -> List[Cell]:
 
 class LocalPool:
     """`workers` processes on this machine (spawned, so CUDA works in them), torch threads split evenly;
-    with one worker the jobs run in this process."""
+    with one worker the jobs run in this process. `gpus` (devices.worker_gpus): dealt round robin, one
+    to each worker."""
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, gpus: Sequence[str] = ()):
         if not isinstance(workers, int) or workers < 1:
             raise GridError(f"--workers must be an integer ≥ 1, got {workers!r}")
-        self.workers = workers
+        self.workers, self.gpus = workers, list(gpus)
         self.threads = max(1, (os.cpu_count() or 1) // workers)
 
     def map(self, function: Callable, calls: Sequence[tuple]) -> Iterator[Dict[str, Any]]:
@@ -507,11 +508,19 @@ class LocalPool:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=exit_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=start_worker,
+                                 initargs=(os.getpid(), self.gpus, context.Value("i", 0))) as pool:
             futures = [pool.submit(function, *args, threads=self.threads) for args in calls]
             for future in as_completed(futures):
                 yield future.result()
+
+
+def start_worker(parent: int, gpus: Sequence[str], counter) -> None:
+    """A worker's initializer: its own GPU (devices.take_gpu), and an end when its driver is gone."""
+    from .devices import take_gpu
+
+    take_gpu(list(gpus), counter)
+    exit_with_parent(parent)
 
 
 def exit_with_parent(parent: int) -> None:
@@ -529,17 +538,22 @@ def exit_with_parent(parent: int) -> None:
 
 class RayPool:
     """One Ray task per job on a cluster (`address="auto"`) or a local Ray instance (`address=None`),
-    each declaring `cpus` CPUs and `gpus` GPUs; results are gathered on the driver as they finish."""
+    each declaring `cpus` CPUs and `gpus` GPUs (None: one when `devices`, the grids' devices, are not all
+    cpu and the cluster has GPUs; devices.ray_gpus_per_task); results are gathered on the driver."""
 
-    def __init__(self, address: Optional[str] = None, cpus: float = 1, gpus: float = 0):
+    def __init__(self, address: Optional[str] = None, cpus: float = 1, gpus: Optional[float] = None,
+                 devices: Iterable[str] = ("auto",)):
         try:
             import ray
         except ImportError:
             raise GridError("--executor ray needs Ray: pip install 'd3-plugin[ray]'") from None
-        self.ray, self.cpus, self.gpus = ray, cpus, gpus
+        from .devices import ray_gpus_per_task
+
+        self.ray, self.cpus = ray, cpus
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      **({} if address else {"num_cpus": os.cpu_count()}))
+        self.gpus = ray_gpus_per_task(gpus, devices, ray.cluster_resources().get("GPU", 0))
 
     def map(self, function: Callable, calls: Sequence[tuple]) -> Iterator[Dict[str, Any]]:
         remote = self.ray.remote(num_cpus=self.cpus, num_gpus=self.gpus)(function)
@@ -551,12 +565,17 @@ class RayPool:
 
 # --- the driver -----------------------------------------------------------------------------------------
 
+def grid_device(grid: Grid) -> str:
+    """The device a grid's records and cells compute on (its `device` key)."""
+    return grid.cells[0].settings["device"] if grid.cells else "auto"
+
+
 def run_grid(grid: Grid, pool, *, echo: Callable[[str], None] = print, progress: bool = True) -> List[Dict]:
     """Records first (flattened ones after their sources), then every cell; returns the run rows and
     writes the grid's tables. Failures are rows with an error, never an exception."""
     from tqdm.auto import tqdm
 
-    device = grid.cells[0].settings["device"] if grid.cells else "auto"
+    device = grid_device(grid)
     failed: Dict[str, str] = {}
     for stage in ([j for j in grid.attacks if not j.source], [j for j in grid.attacks if j.source]):
         for job in stage:

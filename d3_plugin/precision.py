@@ -2,12 +2,13 @@
 
     precision: auto | bf16 | fp16 | fp32        (D3Config.precision; BackdoorBench --precision / --amp)
 
-    auto  CUDA: bf16 autocast when torch.cuda.is_bf16_supported() (Ampere and newer: no loss scaling
-                needed, works with SAM), else fp16 autocast with a dynamic GradScaler — or fp32 when the
+    auto  CUDA: bf16 autocast when the run's own GPU computes bf16 natively (compute capability ≥ 8.0:
+                Ampere and newer; no loss scaling needed, works with SAM), else (T4, V100, RTX 20xx: bf16
+                only emulated, slowly) fp16 autocast with a dynamic GradScaler — or fp32 when the
                 optimizer is SAM, whose two-pass step(closure) a GradScaler cannot drive.
           CPU:  bf16 autocast when the CPU computes bf16 natively (AVX512-BF16 or AMX), else fp32.
           other devices: fp32.
-    bf16  bf16 autocast (CUDA: needs torch.cuda.is_bf16_supported(); CPU: any, slow without native bf16).
+    bf16  bf16 autocast (CUDA: needs native bf16, capability ≥ 8.0; CPU: any, slow without native bf16).
     fp16  CUDA only: fp16 autocast with a dynamic GradScaler; not with SAM. On a CPU it is an error
           (no fast fp16 path there): use bf16, auto or fp32.
     fp32  no autocast.
@@ -53,8 +54,14 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def cuda_has_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: the first GPUs whose tensor cores compute bf16
+
+
+def cuda_has_bf16(device: Union[str, torch.device] = "cuda") -> bool:
+    """Whether the GPU `device` names (`cuda`: the current one) computes bf16 natively. Not
+    torch.cuda.is_bf16_supported(): that counts emulation (slow) and asks about the current GPU only."""
+    return torch.cuda.is_available() and \
+        tuple(torch.cuda.get_device_capability(torch.device(device))) >= NATIVE_BF16_CAPABILITY
 
 
 def has_conv(model: Optional[nn.Module]) -> bool:
@@ -133,7 +140,7 @@ def resolve_precision(precision: Union[str, Precision, None], device: Union[str,
     name = check_precision(precision)
     if name == "auto":
         if device_type == "cuda":
-            name = "bf16" if cuda_has_bf16() else ("fp32" if sam else "fp16")
+            name = "bf16" if cuda_has_bf16(device) else ("fp32" if sam else "fp16")
         elif device_type == "cpu":
             name = "bf16" if cpu_has_native_bf16() else "fp32"
         else:
@@ -146,8 +153,9 @@ def resolve_precision(precision: Union[str, Precision, None], device: Union[str,
             raise ValueError("precision fp16 needs a GradScaler, which cannot drive SAM's two-pass step; "
                              "use --precision bf16 or fp32")
     elif name == "bf16":
-        if device_type == "cuda" and not cuda_has_bf16():
-            raise ValueError("precision bf16 is not supported by this GPU; use --precision auto, fp16 or fp32")
+        if device_type == "cuda" and not cuda_has_bf16(device):
+            raise ValueError(f"precision bf16 needs a GPU with native bf16 (compute capability ≥ 8.0), which "
+                             f"{device} is not; use --precision auto, fp16 or fp32")
         if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
             raise ValueError(f"precision bf16 has no autocast on {device_type}; use --precision fp32")
     if channels_last is None:

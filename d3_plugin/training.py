@@ -10,8 +10,9 @@ forward under autocast and conv models and batches in channels_last; weights and
 fp32. fp16 adds a GradScaler: the closure runs once, then `scaler.step(optimizer)` (so not with SAM).
 
 `checkpoint` (an `EpochCheckpoint`) makes a run resumable after a kill: fit saves its whole state after
-every epoch and, when the file exists, continues from it (bit-identical to an uninterrupted run on the
-same hardware, precision and thread count).
+every epoch and, when the file exists, continues from it (on a CPU bit-identical to an uninterrupted run
+on the same hardware, precision and thread count; on a GPU equal up to its nondeterministic kernels:
+docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -44,9 +45,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+    if resolved.type == "cuda":
+        check_gpu_exists(resolved, device)
     return resolved
+
+
+def check_gpu_exists(resolved: torch.device, given) -> None:
+    """A one-line ValueError unless CUDA is available and has the GPU `resolved` names (`cuda`: any)."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(given)!r} requested but CUDA is not available; use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        visible = "cuda:0" if count == 1 else f"cuda:0 … cuda:{count - 1}"
+        raise ValueError(f"device {str(given)!r} names GPU {resolved.index}, but this machine shows {count} "
+                         f"GPU{'s' if count != 1 else ''} ({visible}); use --device cuda:0 (or auto)")
 
 
 def seed_everything(seed: int) -> None:
@@ -78,14 +90,15 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.opti
     """One pass over `batches`; returns each stat averaged over batches (one host sync per epoch).
 
     `precision`: autocast and input memory format (see the module docstring); `scaler`: a GradScaler
-    (fit makes one for fp16).
+    (fit makes one for fp16). With a scaler, a step whose stats overflowed (it skips that step) is left
+    out of the means; an epoch of nothing but such steps has non-finite means (fit then stops: Diverged).
     """
     mode = resolve_precision(precision, model_device(model), model=model, sam=isinstance(optimizer, SAM))
     if scaler is not None and isinstance(optimizer, SAM):
         raise ValueError("a GradScaler (precision fp16) cannot drive SAM's two-pass step; use --precision bf16 or fp32")
     model.train(bn_train)
     totals: Dict[str, torch.Tensor] = {}
-    count = 0
+    count, overflowed = 0, 0  # overflowed: steps a GradScaler skipped (a tensor on the device once counted)
     for inputs, labels in batches:
         inputs = mode.batch(inputs)
         recorded: Dict[str, torch.Tensor] = {}
@@ -107,10 +120,25 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.opti
             scaler.update()
         if after_step is not None:
             after_step(model)
+        if scaler is not None:
+            recorded, overflow = without_overflow(recorded)
+            overflowed = overflowed + overflow
         for key, value in recorded.items():
             totals[key] = totals.get(key, 0) + value.detach()
         count += 1
-    return {key: float(value) / max(count, 1) for key, value in totals.items()}
+    kept = count - int(overflowed)
+    return {key: float(value) / kept if kept else math.nan for key, value in totals.items()}
+
+
+def without_overflow(stats: Dict[str, torch.Tensor]):
+    """(the step's stats, zeroed when any is non-finite; 1 if so, else 0), as tensors (no host sync): a
+    GradScaler skips such a step (fp16 overflow), so it should not count in the epoch's means."""
+    values = {key: value.detach() for key, value in stats.items()}
+    if not values:
+        return values, 0
+    finite = torch.stack([value.isfinite().all() for value in values.values()]).all()
+    return {key: torch.where(finite, value, torch.zeros_like(value)) for key, value in values.items()}, \
+        (~finite).long()
 
 
 class Diverged(ValueError):
@@ -266,15 +294,21 @@ def rng_states(batches) -> dict:
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     generator = getattr(batches, "generator", None)
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state_all() if cuda_in_use() else [],
             "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(gauss)],
             "random": random.getstate(),
             "loader": generator.get_state() if isinstance(generator, torch.Generator) else None}
 
 
+def cuda_in_use() -> bool:
+    """CUDA is initialised in this process (asking for CUDA RNG states otherwise would initialise it: a
+    context on every GPU for a run, or a pool worker, that computes on the CPU)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def restore_rng_states(states: dict, batches) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+    if states["cuda"] and cuda_in_use() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
     kind, keys, position, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))

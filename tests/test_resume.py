@@ -1,5 +1,6 @@
 """Resume after a kill: fit (and detoxify through it) save their state after every epoch and a resumed run
 ends bit-identical to an uninterrupted one; a checkpoint of another run, or a corrupt one, is refused."""
+import math
 import random
 
 import numpy as np
@@ -156,6 +157,20 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     train(EpochCheckpoint(fit_path, {"tag": torch.zeros(2)}), epochs=1)
     with pytest.raises(ValueError, match=r"its extra\['tag'\] differs"):
         train(EpochCheckpoint(fit_path, {"tag": torch.ones(2)}), epochs=1)
+
+
+def test_a_d3_checkpoint_resumes_where_the_norms_round_otherwise(tmp_path, monkeypatch):
+    """A checkpoint written on another device (a GPU's norm of θs_init may differ from the CPU's in the last
+    bit) resumes: the run is identified by θs_init itself, compared on the CPU, not by norms of it."""
+    path = tmp_path / "d3.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        purify(path, KILLED_IN)
+    done = safe_torch_load(path)["history"]
+    vector_norm = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: torch.nextafter(vector_norm(*a, **k),
+                                                                                     torch.tensor(math.inf)))
+    model, history = purify(path)
+    assert history[:KILLED_IN - 1] == done and len(history) == EPOCHS
 
 
 @pytest.mark.parametrize("content, message", [

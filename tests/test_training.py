@@ -154,7 +154,7 @@ def test_auto_on_cpu_is_bf16_exactly_when_the_cpu_has_native_bf16(monkeypatch, n
 def test_cuda_rules_without_a_gpu(monkeypatch):
     """The CUDA branches resolve as documented (resolution only: nothing runs on a GPU here)."""
     for bf16 in (True, False):
-        monkeypatch.setattr(precision_module, "cuda_has_bf16", lambda: bf16)
+        monkeypatch.setattr(precision_module, "cuda_has_bf16", lambda device: bf16)
         mode = resolve_precision("auto", "cuda", model=conv_model())
         assert (mode.name, mode.needs_scaler, mode.channels_last) == (("bf16", False, True) if bf16 else
                                                                        ("fp16", True, True))
@@ -163,7 +163,7 @@ def test_cuda_rules_without_a_gpu(monkeypatch):
         assert not resolve_precision("fp32", "cuda", model=conv_model()).channels_last
     with pytest.raises(ValueError, match="SAM"):
         resolve_precision("fp16", "cuda", sam=True)
-    with pytest.raises(ValueError, match="not supported by this GPU"):
+    with pytest.raises(ValueError, match="native bf16"):
         resolve_precision("bf16", "cuda")
 
 

@@ -132,9 +132,10 @@ class EncoderDecoder(nn.Module):
 
 
 def build_networks(channels: int, width: int, seed: int) -> Tuple[EncoderDecoder, EncoderDecoder]:
-    """(G, M), initialised from `seed` without touching the global random state."""
+    """(G, M), initialised on the CPU from `seed` without touching the global random state: only the CPU
+    generator is seeded (torch.manual_seed would reseed every GPU's too), and it is restored afterwards."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         generator = EncoderDecoder(channels, channels, width)
         mask = EncoderDecoder(channels, 1, max(2, width // 2))
     return generator, mask

@@ -41,7 +41,8 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional
 from .. import __version__, registry
 from ..bench import bench_from_record, with_auxiliary
 from ..data.readers import dataset_spec
-from ..errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, one_line
+from ..errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, is_out_of_memory, one_line, \
+    out_of_memory_line
 from ..evaluation import defense_effectiveness_rate
 from ..files import check_file
 from ..precision import PRECISIONS, resolve_precision
@@ -168,6 +169,11 @@ def one_line_errors(program: str):
         yield
     except INPUT_ERRORS as error:
         print(f"{program}: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(INPUT_ERROR_STATUS)
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        print(f"{program}: error: {out_of_memory_line(error)}", file=sys.stderr)
         sys.exit(INPUT_ERROR_STATUS)
     except KeyboardInterrupt:
         print(f"{program}: interrupted; no results were written (an earlier complete run is kept)", file=sys.stderr)
@@ -384,11 +390,11 @@ class BackdoorBenchDefense:
         self.runnable = registry.Defense(self.entry, self.config)
 
     def _device(self):
-        device = str(getattr(self.args, "device", None) or "auto")
-        if "," in device:  # BackdoorBench's "cuda:2,3" DataParallel syntax: run on the first one
-            device = device.split(",")[0]
-            logger.warning("multi-GPU device lists are not supported; using %s", device)
-        return resolve_device(device)
+        given = str(getattr(self.args, "device", None) or "auto")
+        device = resolve_device(given.split(",")[0])  # BackdoorBench's "cuda:2,3" (DataParallel): the first
+        if "," in given:
+            logger.warning("multi-GPU device lists are not supported; using %s (docs/gpu.md)", device)
+        return device
 
     def _load_model(self):
         """The record's model, or (`checkpoint_load`) the same architecture with a checkpoint's weights."""

@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                 "evenly between them; default 1)")
     parser.add_argument("--address", default=None, help="ray: cluster address, e.g. auto (default: start a local Ray)")
     parser.add_argument("--cpus-per-task", type=float, default=1, help="ray: CPUs each task declares (default 1)")
-    parser.add_argument("--gpus-per-task", type=float, default=0, help="ray: GPUs each task declares (default 0)")
+    parser.add_argument("--gpus-per-task", type=float, default=None,
+                        help="ray: GPUs each task declares (default: 1 when the grid's device is not cpu and the "
+                             "cluster has GPUs, else 0; Ray hides the GPUs from a task that declares none)")
     parser.add_argument("--grid", action="append", dest="only", metavar="NAME",
                         help="of a file with several grids, run (or plan, or tabulate) only this one; repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (records and cells) and stop")
@@ -29,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
 
     from ..files import folder_lock
-    from ..grid import LocalPool, RayPool, load_grids, record_is_current, run_grid
+    from ..devices import worker_gpus
+    from ..grid import LocalPool, RayPool, grid_device, load_grids, record_is_current, run_grid
 
     grids = load_grids(args.config, args.out, args.only)
     for grid in grids:
@@ -46,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.table_only:
         return write_finished_tables(grids)
-    pool = (RayPool(args.address, args.cpus_per_task, args.gpus_per_task) if args.executor == "ray"
-            else LocalPool(args.workers))
+    devices = [grid_device(grid) for grid in grids]
+    pool = (RayPool(args.address, args.cpus_per_task, args.gpus_per_task, devices) if args.executor == "ray"
+            else LocalPool(args.workers, worker_gpus(devices, args.workers)))
     failed = False
     with contextlib.ExitStack() as locks:  # a second grid into the same folders is refused (--table-only is not)
         for grid in grids:
