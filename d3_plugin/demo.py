@@ -16,6 +16,7 @@ import torch
 
 from .attacks import BadNets, TrainConfig, poison_test_set, poison_training_set, train_model
 from . import registry
+from .checks import is_integer
 from .backdoorbench.outputs import plot_panels
 from .backdoorbench.reserved import reserved_indices
 from .bench import Bench
@@ -49,10 +50,10 @@ class DemoConfig:
 
     def check(self) -> None:
         """Every setting checked, in one line, before any data is read or model trained."""
-        if self.train_size is not None and not (registry.is_integer(self.train_size) and self.train_size >= 1):
+        if self.train_size is not None and not (is_integer(self.train_size) and self.train_size >= 1):
             raise ValueError(f"--train-size must be an integer ≥ 1 (leave it out for all images), "
                              f"got {self.train_size}")
-        if not (registry.is_integer(self.attack.epochs) and self.attack.epochs >= 1):
+        if not (is_integer(self.attack.epochs) and self.attack.epochs >= 1):
             raise ValueError(f"--attack-epochs must be an integer ≥ 1, got {self.attack.epochs}")
         for name in self.defenses:  # the registry checks the budget, lr and seed as compare will use them
             registry.build(name, "fashion_mnist", model=self.model, budget=self.defense_epochs,

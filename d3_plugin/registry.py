@@ -40,7 +40,6 @@ This package's own entry points (setup.cfg) name the same objects its modules re
 """
 from __future__ import annotations
 
-import argparse
 import builtins
 import copy
 import dataclasses
@@ -57,6 +56,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Proto
 
 import yaml
 
+from .checks import COMMON_FIELDS, FLOAT32_MAX, fits_float32, is_bool_hint, is_integer, parse_bool
 from .errors import one_line
 from .shipped import shipped_folder
 
@@ -122,6 +122,9 @@ class Entry:
 
 
 _REGISTERED: Dict[Tuple[str, str], Entry] = {}
+# group → reader of that group's plugin objects, set by the module that defines the group's shape
+# (attacks.registry reads trigger factories and `Attack`s)
+PLUGIN_READERS: Dict[str, Callable[[str, Any], Entry]] = {}
 
 
 def _key(name: str) -> str:
@@ -262,8 +265,8 @@ def _plugin_entry(name: str, group: str, obj: Any) -> Entry:
     registered = getattr(obj, "registered_as", None)
     if registered and (group, registered) in _REGISTERED and group != "attack":
         return _REGISTERED[(group, registered)]
-    if group == "attack":
-        return _attack_plugin(name, obj)
+    if group in PLUGIN_READERS:
+        return PLUGIN_READERS[group](_key(name), obj)
     if group == "calibration":
         if not callable(obj) or isinstance(obj, type):
             raise TypeError(f"a calibration plugin must be a function registered with register_calibration, "
@@ -288,22 +291,6 @@ def _plugin_entry(name: str, group: str, obj: Any) -> Entry:
         raise TypeError(f"{obj.__name__}.config_class must be a dataclass")
     return Entry(_key(name), run=obj, config=config, title=getattr(obj, "__name__", name),
                  notes=_first_line(obj.__doc__))
-
-
-def _attack_plugin(name: str, obj: Any) -> Entry:
-    from .attacks.registry import Attack
-
-    if isinstance(obj, Attack):
-        return Entry(_key(name), "attack", obj, data="poisoned")
-    if not callable(obj):
-        raise TypeError(f"{type(obj).__name__} is neither an Attack nor a trigger factory")
-    parameters = inspect.signature(obj).parameters.values()
-    required = [p.name for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if required:
-        raise TypeError(f"trigger factory {getattr(obj, '__name__', name)} needs defaults for {', '.join(required)}")
-    defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
-    attack = Attack(_key(name), obj, _first_line(obj.__doc__) or name, trigger_params=defaults)
-    return Entry(attack.name, "attack", attack, data="poisoned", notes=attack.description)
 
 
 def _first_line(text: Optional[str]) -> str:
@@ -433,33 +420,6 @@ def make_config(entry: Entry, values: Mapping[str, Any]):
     return config
 
 
-FLOAT32_MAX = 3.4028234663852886e38  # weights are float32: torch cannot take a larger lr or factor
-
-
-def fits_float32(value: float) -> bool:
-    """Not a finite number beyond float32's range (infinities and NaN are each check's own to judge)."""
-    return not FLOAT32_MAX < abs(value) < float("inf")
-
-
-# fields many configs share, checked for every defense: name → (test, what it must be)
-COMMON_FIELDS = {
-    "batch_size": (lambda v: is_integer(v) and v >= 1, "an integer ≥ 1"),
-    "lr": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
-    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "weight_decay": (lambda v: is_number(v) and v >= 0, "a finite number ≥ 0"),
-    "seed": (lambda v: is_integer(v) and v >= 0, "an integer ≥ 0"),
-}
-
-
-def is_integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-    import math
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_common(entry: Entry, config) -> None:
     """One-line ValueError for a shared field out of range, and for a budget field that is not a count ≥ 0
     (a defense's own checks live in its config's __post_init__)."""
@@ -492,30 +452,6 @@ def parse_assignment(item: str, option: str, example: str) -> Tuple[str, Any]:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as error:
         raise ValueError(f"{option} {item!r}: invalid YAML value ({one_line(error)}); fix or quote it") from None
-
-
-BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-
-
-class NotABoolean(ValueError, argparse.ArgumentTypeError):
-    """A value parse_bool refuses (argparse prints the message as is)."""
-
-
-def parse_bool(value, name: str = "") -> bool:
-    """The one boolean parser of every front end (options, YAML values, --set): true/false, yes/no, 1/0 in any
-    case; anything else is refused, never read as false."""
-    if isinstance(value, bool):
-        return value
-    key = str(value).strip().lower() if isinstance(value, (str, int)) else None
-    if key not in BOOLEANS:
-        raise NotABoolean(f"{name + ' ' if name else ''}must be true or false (or yes/no, 1/0), got {value!r}")
-    return BOOLEANS[key]
-
-
-def is_bool_hint(hint) -> bool:
-    """bool or Optional[bool]."""
-    return hint is bool or (typing.get_origin(hint) is typing.Union and bool in typing.get_args(hint)
-                            and all(a in (bool, type(None)) for a in typing.get_args(hint)))
 
 
 def config_hash(payload: Mapping) -> str:

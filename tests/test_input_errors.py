@@ -3,7 +3,7 @@ nothing behind. Fast: no training; every test builds what it needs in tmp_path."
 import pytest
 import torch
 
-from d3_plugin import registry
+from d3_plugin import checks, registry
 from d3_plugin.cli import main
 
 
@@ -38,13 +38,13 @@ def test_a_record_with_a_negative_class_count_is_refused(tmp_path):
 @pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("YES", True), ("1", True), (1, True),
                                          ("false", False), ("No", False), ("0", False), (False, False)])
 def test_booleans_in_any_case(text, value):
-    assert registry.parse_bool(text) is value
+    assert checks.parse_bool(text) is value
 
 
 @pytest.mark.parametrize("text", ["maybe", "2", 2, "", 1.0, None, "truthy"])
 def test_anything_else_is_not_a_boolean(text):
     with pytest.raises(ValueError, match="must be true or false"):
-        registry.parse_bool(text)
+        checks.parse_bool(text)
 
 
 @pytest.mark.parametrize("option", ["--resume", "--normalize", "--bn_train", "--amp"])

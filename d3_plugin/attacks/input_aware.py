@@ -38,7 +38,7 @@ from torch import nn
 from ..data import DatasetSpec, ImageSet, Loader
 from ..evaluation import evaluate
 from ..files import torch_save
-from ..registry import is_integer, is_number
+from ..checks import is_integer, is_number
 from ..training import cosine, fit, sgd
 from .base import poison_test_set, poison_training_set
 from .training import TrainConfig

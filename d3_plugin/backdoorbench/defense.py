@@ -41,6 +41,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional
 from .. import __version__, registry
 from ..bench import bench_from_record, with_auxiliary
 from ..data.readers import dataset_spec
+from ..checks import is_bool_hint, parse_bool
 from ..errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, one_line
 from ..evaluation import defense_effectiveness_rate
 from ..files import check_file
@@ -107,7 +108,7 @@ def converter(hint) -> Callable[[Any], Any]:
     if typing.get_origin(hint) is typing.Union and len(args) == 1:
         return converter(args[0])
     if hint is bool:
-        return registry.parse_bool
+        return parse_bool
     if hint in (int, float, str):
         def scalar(value):
             return value if isinstance(value, hint) and not isinstance(value, bool) else hint(value)
@@ -198,7 +199,7 @@ class BackdoorBenchDefense:
         """Every option defaults to None (so the YAML decides) except --yaml_path."""
         for name, (kind, text) in STANDARD.items():
             spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if name == "data_root" else [])
-            parser.add_argument(*spellings, dest=name, type=registry.parse_bool if kind == "flag" else kind, help=text)
+            parser.add_argument(*spellings, dest=name, type=parse_bool if kind == "flag" else kind, help=text)
         parser.add_argument("--yaml_path", type=str, default=f"./config/defense/{cls.NAME}/config.yaml",
                             help="the config file (empty: the defaults only)")
         if cls.entry.presets:
@@ -222,7 +223,7 @@ class BackdoorBenchDefense:
         args.__dict__ = {**vars(args), **self.yaml_values, **self.cli_values}  # None: not set anywhere
         for name in (n for n, (kind, _) in STANDARD.items() if kind == "flag"):  # YAML's too: "maybe" is no False
             if getattr(args, name, None) not in (None, ""):
-                setattr(args, name, registry.parse_bool(getattr(args, name), name))
+                setattr(args, name, parse_bool(getattr(args, name), name))
         args.terminal_info = sys.argv
         self.args = args
         self.result = None
@@ -570,7 +571,7 @@ def takes_checkpoint(function) -> bool:
 
 
 def _type_name(hint) -> str:
-    if registry.is_bool_hint(hint):
+    if is_bool_hint(hint):
         return "boolean: true/false, yes/no or 1/0"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Union and len(args) == 1:
