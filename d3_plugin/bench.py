@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .backdoorbench.reserved import reserved_indices
+from .record_io.records import model_from_record
+from .record_io.reserved import reserved_indices
 from .data import DatasetSpec, ImageSet, Loader
 from .evaluation import eval_batch_size, evaluate
 from .training import resolve_device, seed_everything
@@ -156,8 +157,6 @@ def bench_from_record(record, *, ratio: Optional[float] = 0.05, seed: int = 0, d
                       data: str = "clean", eval_batch_size: Optional[int] = None, precision: Any = "fp32") -> Bench:
     """A Bench from a loaded AttackRecord: the reserved set is BackdoorBench's draw (`data="none"`: no
     reserved set); `model` replaces the record's (e.g. a checkpoint's weights)."""
-    from .backdoorbench.records import model_from_record
-
     device = resolve_device(device)
     index = reserved_indices(len(record.clean_train), ratio, index_file, seed) if data != "none" else None
     identity = {"record": str(Path(record.folder).resolve()), "ratio": None if index_file else ratio,

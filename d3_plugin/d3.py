@@ -210,7 +210,7 @@ def input_shortcut(model: nn.Module, clean_batches, eps: float):
     the input model (d3_plugin.probe, in eval mode; on a backdoored model that class is the target, δ the
     shortcut to it), fitted on the first SHORTCUT_IMAGES reserved images without augmentation."""
     from .data import Loader
-    from .defenses.adversarial import input_box
+    from .adversarial import input_box
     from .probe import ProbeConfig, class_perturbations
     plain = Loader(clean_batches.data.subset(torch.arange(min(SHORTCUT_IMAGES, len(clean_batches.data)))),
                    clean_batches.spec, SHORTCUT_IMAGES, device=clean_batches.device)

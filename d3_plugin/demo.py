@@ -17,8 +17,8 @@ import torch
 from .attacks import BadNets, TrainConfig, poison_test_set, poison_training_set, train_model
 from . import registry
 from .checks import is_integer
-from .backdoorbench.outputs import plot_panels
-from .backdoorbench.reserved import reserved_indices
+from .record_io.outputs import plot_panels
+from .record_io.reserved import reserved_indices
 from .bench import Bench
 from .compare import compare, text_table
 from .files import ensure_writable, torch_save

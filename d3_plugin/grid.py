@@ -353,7 +353,7 @@ def set_threads(threads: Optional[int]) -> None:
 
 def attack_argv(job: AttackJob) -> List[str]:
     """The `d3-plugin attack` command line of a trained record; it continues a killed run where it can."""
-    from .commands.attack import resumes
+    from .attacks.registry import resumes
 
     options = dict(job.options)
     attack = options.pop("attack")
@@ -450,7 +450,7 @@ def _cell_identity(cell: Cell) -> Dict[str, Any]:
 
 
 def _measure(cell: Cell) -> Dict[str, Any]:
-    from .backdoorbench.records import load_attack_result
+    from .record_io.records import load_attack_result
     from .bench import bench_from_record, on_test_half, with_auxiliary
     from .compare import build_for, run_native
 

@@ -298,7 +298,7 @@ def test_the_shipped_reproduction_grid_file_plans(tmp_path):
 
 def test_a_test_half_measures_even_or_odd_test_images_and_keys_its_own_cells(made, tmp_path):
     import torch
-    from d3_plugin.backdoorbench.records import load_attack_result
+    from d3_plugin.record_io.records import load_attack_result
     from d3_plugin.bench import bench_from_record, on_test_half
     root, data = made
     bench = bench_from_record(load_attack_result(root / "record" / "badnets", str(data)), ratio=0.1, device="cpu")

@@ -218,7 +218,7 @@ def record(tmp_path_factory):
 
 
 def test_command_line_writes_a_record_that_loads_and_evaluates(record):
-    from d3_plugin.backdoorbench.records import load_attack_result, model_from_record
+    from d3_plugin.record_io.records import load_attack_result, model_from_record
 
     record, data = record
     loaded = load_attack_result(record, data)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from d3_plugin.backdoorbench.safe_load import safe_torch_load
+from d3_plugin.record_io.safe_load import safe_torch_load
 from d3_plugin.d3 import D3Config, detoxify
 from d3_plugin.data import DatasetSpec, ImageSet, Loader
 from d3_plugin.files import torch_save, write_bytes

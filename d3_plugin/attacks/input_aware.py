@@ -215,7 +215,7 @@ class InputAwareTrigger:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "InputAwareTrigger":
-        from ..backdoorbench.safe_load import safe_torch_load
+        from ..record_io.safe_load import safe_torch_load
 
         state = safe_torch_load(Path(path))
         generator, mask = build_networks(int(state["channels"]), int(state["width"]), 0)

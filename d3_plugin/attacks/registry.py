@@ -90,6 +90,11 @@ registry.register_attack(input_aware, name=INPUT_AWARE, config=InputAwareConfig,
                                "(Nguyen & Tran 2020)")
 
 
+def resumes(attack: str) -> bool:
+    """Whether training `attack` keeps the epoch checkpoints that `d3-plugin attack --resume` continues."""
+    return attack != INPUT_AWARE
+
+
 def attack_plugin(name: str, obj: Any) -> registry.Entry:
     """The entry of an attack plugin: an `Attack`, or a trigger factory whose parameters all have defaults
     (TypeError: neither)."""

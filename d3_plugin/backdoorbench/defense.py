@@ -48,8 +48,8 @@ from ..files import check_file
 from ..precision import PRECISIONS, resolve_precision
 from ..shipped import shipped_folder
 from ..training import due, resolve_device
-from . import outputs
-from .records import align_state_dict, load_attack_result, load_model_checkpoint, model_from_record, write_defense_result
+from ..record_io import outputs
+from ..record_io.records import align_state_dict, load_attack_result, load_model_checkpoint, model_from_record, write_defense_result
 
 LOG_FORMAT = "%(asctime)s [%(levelname)-8s] [%(filename)s:%(lineno)d] %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d:%H:%M:%S"
@@ -551,8 +551,8 @@ def saved_parts(purified):
 def load_purified(folder) -> "torch.nn.Module":
     """A result folder's purified model as the defense made it: defense_result.pt (safe loader), wrapped
     again with its `<script>_bounds.pt` when there is one (BadActs)."""
-    from ..backdoorbench.safe_load import safe_torch_load
-    from .records import model_from_record
+    from ..record_io.safe_load import safe_torch_load
+    from ..record_io.records import model_from_record
 
     folder = Path(folder)
     result = safe_torch_load(folder / "defense_result.pt")

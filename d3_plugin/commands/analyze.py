@@ -87,7 +87,7 @@ def _defense_names(text: str, kind: str) -> List[str]:
 
 def _prepare(args: argparse.Namespace, kind: str):
     """Check the options (before any data is read), then load the record: (bench, defense names, out)."""
-    from ..backdoorbench.records import load_attack_result
+    from ..record_io.records import load_attack_result
     from ..compare import MAX_SEED, bench_from_record, check_overrides, parse_overrides
 
     if not args.result_file:

@@ -16,7 +16,7 @@ from ..attacks import MODEL_LR, TrainConfig, default_lr, train_model
 from ..attacks import input_aware as ia
 from ..attacks.flatness import measure_flatness
 from ..attacks.record import epoch_evaluator, flatness_batches, save_record
-from ..attacks.registry import attacks, get_attack
+from ..attacks.registry import INPUT_AWARE, SAM_FLATTEN as FLATTEN, attacks, get_attack, resumes
 from ..attacks.sam_flatten import FlattenConfig, sam_flatten
 from ..data import load_dataset
 from ..data.readers import dataset_spec
@@ -25,8 +25,6 @@ from ..training import EpochCheckpoint, resolve_device, seed_everything
 
 NAME = "attack"
 HELP = "train a backdoor attack (or SAM-flatten one) and save it as a BackdoorBench record folder"
-FLATTEN = "sam-flatten"
-INPUT_AWARE = "input-aware"
 # the options that make a record: a checkpoint continues only a run made with the same ones
 RECORD_OPTIONS = ("attack", "dataset", "data_root", "model", "epochs", "ratio", "target", "param", "train_size",
                   "lr", "batch_size", "seed", "rho", "sam_epochs", "plain_sam")
@@ -120,11 +118,6 @@ def run(args) -> int:
     if args.attack == INPUT_AWARE:
         return _run_input_aware(args, device)
     return _run_attack(args, device)
-
-
-def resumes(attack: str) -> bool:
-    """Whether `d3-plugin attack <attack>` keeps the epoch checkpoints that --resume continues."""
-    return attack != INPUT_AWARE
 
 
 def resume_files(out) -> List[Path]:
@@ -293,7 +286,7 @@ def _run_input_aware(args, device) -> int:
 
 
 def _run_flatten(args, device) -> int:
-    from ..backdoorbench.records import load_attack_result, model_from_record
+    from ..record_io.records import load_attack_result, model_from_record
 
     if not args.result_file or args.rho is None:
         raise ValueError("sam-flatten needs --result_file <record folder> and --rho (e.g. 2.0)")

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..auxiliary import parse_source
-    from ..backdoorbench.records import load_attack_result
+    from ..record_io.records import load_attack_result
     from .. import registry
     from ..compare import (bench_from_record, check_overrides, compare, parse_defenses, parse_overrides, parse_seeds,
                            text_table)

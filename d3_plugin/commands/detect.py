@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import registry
-    from ..backdoorbench.records import load_attack_result
+    from ..record_io.records import load_attack_result
     from ..bench import bench_from_record
     from ..defenses.badacts import detection_metrics, fit_detector
     from ..files import ensure_writable, write_json
