@@ -255,7 +255,7 @@ def objective(weights: Dict[str, torch.Tensor], initial: Dict[str, torch.Tensor]
 
 def architecture_layers(model_name, preset: str) -> dict:
     """D3's θs for an architecture under a preset (`models.default_layers`)."""
-    from .models import default_layers
+    from .d3_targets import default_layers
     return {"layers": default_layers(model_name, preset)}
 
 

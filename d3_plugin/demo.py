@@ -18,7 +18,7 @@ from .attacks import BadNets, TrainConfig, poison_test_set, poison_training_set,
 from . import registry
 from .checks import is_integer
 from .record_io.outputs import plot_panels
-from .record_io.reserved import reserved_indices
+from .record_io.reserved import RESERVED_RATIO, reserved_indices
 from .bench import Bench
 from .compare import compare, text_table
 from .files import ensure_writable, torch_save
@@ -38,11 +38,11 @@ class DemoConfig:
     poison_ratio: float = 0.1
     target: int = 0
     train_size: Optional[int] = None  # None: all 60,000 training images
-    attack: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=0.05, batch_size=128))
+    attack: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6))
     defenses: tuple = ("ft", "d3")
     defense_epochs: int = 60
     defense_lr: float = 0.03  # FT and D3 alike; 60 epochs instead of the authors' 100 at lr 0.01
-    reserved_ratio: float = 0.05
+    reserved_ratio: float = RESERVED_RATIO
     curve_samples: int = 2000  # per-epoch curves use this many clean and poisoned test images
 
     def defense_overrides(self, name: str) -> Dict:

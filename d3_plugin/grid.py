@@ -8,7 +8,7 @@ A grid file (YAML; docs/grid.md has every key):
     out: grids/table1                 # default: beside the file, named after it
     seeds: [0, 1, 2]
     epochs: 20                        # every defense's budget (default: each one's own)
-    ratio: 0.05                       # reserved fraction (BackdoorBench's draw per seed); a list sweeps it
+    ratio: 0.1                        # reserved fraction, drawn per seed (default RESERVED_RATIO); a list sweeps it
     attacks:
       - record: /path/record/badnet   # an existing record
       - attack: blended               # trained by `d3-plugin attack` into <out>/record/<name>
@@ -46,6 +46,7 @@ import yaml
 from . import registry
 from .errors import one_line
 from .files import StagedFolder, write_json
+from .record_io.reserved import RESERVED_RATIO
 
 GRID_KEYS = {"out", "grids", "seeds", "epochs", "ratio", "device", "data_root", "attacks", "defenses", "sweep",
              "reserved_source", "calibrate", "calibrate_set", "dataset", "model", "test_half"}
@@ -174,7 +175,7 @@ def plan(raw: Mapping[str, Any], out: Path, base: Path = Path("."), records: Opt
     if raw.get("test_half") is not None:  # only when set: the cells of grids without it keep their keys
         settings["test_half"] = raw["test_half"]
     ratios = settings.pop("ratio")
-    ratios = ratios if isinstance(ratios, list) and ratios else [0.05 if ratios is None else ratios]
+    ratios = ratios if isinstance(ratios, list) and ratios else [RESERVED_RATIO if ratios is None else ratios]
     variants = []  # a list of ratios sweeps the reserved fraction too (the paper's Table 3)
     for ratio in ratios:
         variant = {**settings, "ratio": ratio}
@@ -480,7 +481,7 @@ def _publish(final: Path, result: Mapping[str, Any]) -> None:
 
 def no_defense_cells(grid: Grid) -> List[Cell]:
     """One seed-independent cell per record: the backdoored model's own ACC / ASR / RA (DER's reference)."""
-    settings = grid.cells[0].settings if grid.cells else {"ratio": 0.05, "device": "auto"}
+    settings = grid.cells[0].settings if grid.cells else {"ratio": RESERVED_RATIO, "device": "auto"}
     plain = {**settings, "reserved_source": None, "calibrate": None, "calibrate_set": None}
     return [_keyed(Cell(job.name, job.folder, NO_DEFENSE, NO_DEFENSE, {}, 0, plain, record_identity=job.identity))
             for job in grid.attacks]

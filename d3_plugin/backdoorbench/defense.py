@@ -49,6 +49,7 @@ from ..precision import PRECISIONS, resolve_precision
 from ..shipped import shipped_folder
 from ..training import due, resolve_device
 from ..record_io import outputs
+from ..record_io.reserved import RESERVED_RATIO
 from ..record_io.records import align_state_dict, load_attack_result, load_model_checkpoint, model_from_record, write_defense_result
 
 LOG_FORMAT = "%(asctime)s [%(levelname)-8s] [%(filename)s:%(lineno)d] %(message)s"
@@ -281,7 +282,7 @@ class BackdoorBenchDefense:
             raise ValueError(f"frequency_save must be ≥ 0 (0 is never), got {frequency}")
         ratio = getattr(self.args, "ratio", None)
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < float(ratio) <= 1):
-            raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}; e.g. --ratio 0.05")
+            raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}; e.g. --ratio {RESERVED_RATIO}")
         if getattr(self.args, "resume", None) and not takes_checkpoint(self.entry.run):
             raise ValueError(f"{self.entry.name} cannot resume a killed run (it keeps no epoch checkpoint); "
                              f"drop --resume")

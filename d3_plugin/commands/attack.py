@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder holding the dataset files")
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="training epochs (default 10; sam-flatten 5; input-aware 16)")
+                        help=f"training epochs (default {TrainConfig.epochs}; sam-flatten {FlattenConfig.epochs}; "
+                             f"input-aware {ia.InputAwareConfig.epochs})")
     parser.add_argument("--ratio", type=float, default=None,
                         help="poisoning ratio (default: the attack's, 0.1; input-aware: ρ_b of every batch)")
     parser.add_argument("--target", type=int, default=0)
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     per_model = "; ".join(f"{model} {lr}" for model, lr in MODEL_LR.items())
     parser.add_argument("--lr", type=float, default=None,
                         help=f"training lr (default {TrainConfig.lr}; {per_model}; sam-flatten {FlattenConfig.lr})")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--eval-every", type=int, default=None,
@@ -68,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sam.add_argument("--rho", "--sam-rho", dest="rho", type=float, default=None,
                      help="SAM radius (adaptive SAM: 1–3 as in the paper); with an attack name: flatten after "
                           "training")
-    sam.add_argument("--sam-epochs", type=int, default=5, help="SAM epochs after training an attack")
+    sam.add_argument("--sam-epochs", type=int, default=FlattenConfig.epochs, help="SAM epochs after training an attack")
     sam.add_argument("--plain-sam", action="store_true", help="plain SAM instead of adaptive SAM (ASAM)")
     sam.add_argument("--hessian-iterations", type=int, default=20,
                      help="power iterations for the top Hessian eigenvalue (0: skip)")
@@ -184,7 +185,7 @@ def _run_attack(args, device) -> int:
     poisoned = attack.poison_train(train, ratio=args.ratio, target=args.target, seed=args.seed, **params)
     bd_test = attack.poison_test(test, target=args.target, **params)
     model = build_model(args.model, spec.num_classes, spec.channels, spec.size)
-    config = TrainConfig(epochs=10 if args.epochs is None else args.epochs,
+    config = TrainConfig(epochs=TrainConfig.epochs if args.epochs is None else args.epochs,
                          lr=default_lr(args.model) if args.lr is None else args.lr, batch_size=args.batch_size,
                          seed=args.seed)
     model, history = train_model(model, poisoned, spec, config, device=device,
@@ -295,7 +296,7 @@ def _run_flatten(args, device) -> int:
         raise ValueError(f"{args.result_file} holds no poisoned training set (bd_train); flatten a record "
                          f"that has one")
     model = model_from_record(record).to(device)
-    epochs = 5 if args.epochs is None else args.epochs
+    epochs = FlattenConfig.epochs if args.epochs is None else args.epochs
     pt = Path(args.result_file)
     source = hashlib.sha256((pt / "attack_result.pt" if pt.is_dir() else pt).read_bytes()).hexdigest()
     model, history, info = _flatten(model, record.bd_train, record.spec, args, device, epochs,
