@@ -43,12 +43,14 @@ from __future__ import annotations
 import builtins
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.metadata
 import inspect
 import json
 import pkgutil
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +180,7 @@ def _claim(entry: Entry) -> None:
     if existing is not None and existing.origin == DISTRIBUTION and entry.origin != DISTRIBUTION:
         raise ValueError(f"the {entry.group} name {entry.name!r} is taken by {DISTRIBUTION}; register under another name")
     _REGISTERED[(entry.group, entry.name)] = entry
+    _LOADED.clear()
 
 
 def _distribution_of(obj) -> str:
@@ -202,6 +205,7 @@ def check_defend_function(function) -> None:
 
 # --- loading: built-in modules, shipped notes, entry points -----------------------------------------
 
+@functools.cache
 def _import_builtins() -> None:
     for module in BUILTIN_MODULES:
         importlib.import_module(module)
@@ -314,16 +318,30 @@ def _plugins(group: str) -> List[Entry]:
     return found
 
 
+# (group, sys.path, registered names) → the shipped entries of `load`, read once per process: a
+# registration empties it, another sys.path (a distribution added) or registered set is another key
+_LOADED: Dict[tuple, Dict[str, Entry]] = {}
+
+
 def load(group: str = "defense", notes: Optional[Path] = None) -> Dict[str, Entry]:
     """Every entry of `group` by name: registered modules, shipped notes (`registry/*.yaml`, defenses),
-    then plugins (a name we ship wins over a plugin's)."""
+    then plugins (a name we ship wins over a plugin's). With the shipped notes, read once and kept."""
     if group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; use {', '.join(GROUPS)}")
     _import_builtins()
+    if notes is not None:
+        return _read_entries(group, notes)
+    key = (group, tuple(sys.path), tuple(_REGISTERED))
+    if key not in _LOADED:
+        _LOADED[key] = _read_entries(group, shipped_folder("registry"))
+    return dict(_LOADED[key])
+
+
+def _read_entries(group: str, notes: Path) -> Dict[str, Entry]:
     entries = {name: copy.copy(entry) for (g, name), entry in _REGISTERED.items() if g == group}
     for entry in entries.values():  # fresh per load: notes below fill them
         entry.overrides, entry.override_sources = dict(entry.overrides), dict(entry.override_sources)
-    for name, raw in _read_notes(notes or shipped_folder("registry")).items():
+    for name, raw in _read_notes(notes).items():
         if raw.get("group", "defense") == group:
             apply_notes(entries.setdefault(name, Entry(name, group)), raw)
     for entry in _plugins(group):
