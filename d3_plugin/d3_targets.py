@@ -11,7 +11,7 @@ PRESETS = ("default", "paper")
 
 LAYERS: Dict[str, Dict[str, Optional[Sequence[str]]]] = {
     # the 3-block CNN: its last conv block and the two-layer head. With only the head (every nn.Linear)
-    # the demo backdoor kept 7 % ASR; adding the last conv block took it to 2.8 % (README).
+    # the demo backdoor kept 7 % ASR; adding the last conv block took it to 2.8 % (docs/findings.md).
     "small_cnn": {"default": ["features.4", "fc", "linear"], "paper": None},
     # reaching into the last two residual stages: with the paper's `linear` alone a BackdoorBench Blended
     # record kept 46-58 % ASR in two of three seeds at a 20-epoch budget (docs/d3-stability.md).
