@@ -270,7 +270,7 @@ def dies_in_measurement(real, number: int, calls: list):
 def test_a_killed_attack_resumes_through_both_phases_to_the_same_record_bit_for_bit(tmp_path, monkeypatch, capsys):
     from d3_plugin.record_io.safe_load import safe_torch_load
     from d3_plugin.cli import main
-    from d3_plugin.commands import attack as command
+    from d3_plugin.attacks import make as command  # what `d3-plugin attack` runs
     from d3_plugin.training import seed_everything
 
     seed_everything(TEST_SEED)

@@ -320,3 +320,16 @@ def test_the_shipped_efficacy_grid_file_plans(tmp_path):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "d3_efficacy.yaml"
     (dev,) = grids.load_grids(path, out=str(tmp_path))
     assert dev.cells and all(cell.settings["test_half"] == "dev" for cell in dev.cells)
+
+
+def test_a_grid_attack_job_is_made_from_a_typed_spec_not_a_command_line():
+    job = AttackJob("b", "/g/record/b", {"attack": "badnets", "epochs": 2, "lr": "1e-3", "params.size": 4})
+    spec = grids.attack_spec(job, "cpu")
+    assert (spec.attack, spec.out, spec.epochs, spec.lr, dict(spec.params)) == ("badnets", "/g/record/b", 2, 0.001,
+                                                                               {"size": 4})
+    assert (spec.device, spec.resume, spec.result_file) == ("cpu", True, None)
+    for options, message in (({"epochs": 2.5}, "--epochs must be an integer, got 2.5"),
+                             ({"lr": "fast"}, "--lr must be a number, got 'fast'"),
+                             ({"seed": True}, "--seed must be an integer, got True")):
+        with pytest.raises(ValueError, match=message):
+            grids.attack_spec(AttackJob("b", "/g/record/b", {"attack": "badnets", **options}), "cpu")

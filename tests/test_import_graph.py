@@ -26,12 +26,6 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("front ends and the package's face", ("commands", "cli", "__init__")),
 ]
 
-# Upward imports still there, each with the change that removes it (a fixed one must leave this list).
-KNOWN_UPWARD = {
-    ("d3_plugin.grid", "d3_plugin.cli"): "issue 27, attacks as an API: a grid's attack job calls a function",
-}
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -128,10 +122,8 @@ def test_no_import_from_a_lower_layer_into_a_higher_one():
     found = upward(import_graph())
     names = {index: name for index, (name, _) in enumerate(LAYERS)}
     unexpected = [f"{a} ({names[layer_of(a)]}) imports {b} ({names[layer_of(b)]})"
-                  for a, b in sorted(found - set(KNOWN_UPWARD))]
+                  for a, b in sorted(found)]
     assert not unexpected, "upward imports:\n" + "\n".join(unexpected)
-    fixed = set(KNOWN_UPWARD) - found
-    assert not fixed, f"no longer upward, remove from KNOWN_UPWARD: {sorted(fixed)}"
 
 
 @pytest.mark.parametrize("graph, expected", [({"a": {"b"}, "b": {"a"}, "c": set()}, [["a", "b"]]),
