@@ -32,7 +32,8 @@ from d3_plugin.data import Loader, load_dataset  # noqa: E402
 from d3_plugin.data.readers import dataset_spec  # noqa: E402
 from d3_plugin.defenses.ft import FTConfig, finetune  # noqa: E402
 from d3_plugin.evaluation import evaluate  # noqa: E402
-from d3_plugin.models import build_model, default_layers  # noqa: E402
+from d3_plugin.d3_targets import default_layers  # noqa: E402
+from d3_plugin.models import build_model  # noqa: E402
 from d3_plugin.training import seed_everything  # noqa: E402
 
 MODEL = "small_cnn"

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from d3_plugin.attacks import TrainConfig, train_model  # noqa: E402
 from d3_plugin.attacks.registry import get_attack  # noqa: E402
-from d3_plugin.backdoorbench.records import write_attack_record  # noqa: E402
+from d3_plugin.record_io.records import write_attack_record  # noqa: E402
 from d3_plugin.data import Loader, dataset_spec, load_dataset  # noqa: E402
 from d3_plugin.evaluation import evaluate  # noqa: E402
 from d3_plugin.models import build_model  # noqa: E402

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from d3_plugin.backdoorbench.defense import poisoned_only
-from d3_plugin.backdoorbench.records import load_attack_result, model_from_record
-from d3_plugin.backdoorbench.reserved import reserved_indices
+from d3_plugin.record_io.records import load_attack_result, model_from_record
+from d3_plugin.record_io.reserved import reserved_indices
 import d3_plugin.d3 as d3_module
 from d3_plugin.d3 import D3Config, detoxify, select_weights
 from d3_plugin.data import Loader
 from d3_plugin.evaluation import evaluate
-from d3_plugin.defenses.adversarial import InputBox
+from d3_plugin.adversarial import InputBox
 from d3_plugin.probe import ProbeConfig, class_scores, universal_perturbation
 from d3_plugin.training import seed_everything
 

@@ -30,7 +30,8 @@ import torch
 from d3_plugin.d3 import D3Config, detoxify
 from d3_plugin.data import DatasetSpec, ImageSet, Loader
 from d3_plugin.evaluation import eval_batch_size, evaluate
-from d3_plugin.models import build_model, default_layers
+from d3_plugin.d3_targets import default_layers
+from d3_plugin.models import build_model
 from d3_plugin.precision import Precision, cpu_has_native_bf16, resolve_precision
 from d3_plugin.training import cross_entropy, resolve_device, sgd, train_epoch
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from d3_plugin.d3 import D3Config, detoxify
 from d3_plugin.data import ImageSet, Loader, dataset_spec, load_dataset
 from d3_plugin.defenses.ft import FTConfig, finetune
-from d3_plugin.models import build_model, default_layers
+from d3_plugin.d3_targets import default_layers
+from d3_plugin.models import build_model
 from d3_plugin.training import cross_entropy, fit, resolve_device, sgd
 
 

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from .data import DatasetSpec, ImageSet
-from .defenses.adversarial import evaluating
+from .adversarial import evaluating
 from .gic import BatchNormMatch, Normalizer, predicted_labels
 
 SOURCES = ("id", "corrupt", "digits", "inversion")

@@ -2,7 +2,7 @@
 the backdoored model, the reserved clean set drawn as BackdoorBench draws it, the clean and poisoned
 test sets, the device and the seed.
 
-    bench = bench_from_record(load_attack_result("record/badnet"), ratio=0.05, seed=0)
+    bench = bench_from_record(load_attack_result("record/badnet"), seed=0)
     purified, history, seconds = bench.run(registry.build("fst", budget=10))
     bench.evaluate(purified)               # {'acc', 'asr', 'ra', 'clean_loss', 'bd_loss'}
 """
@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .backdoorbench.reserved import reserved_indices
+from .record_io.records import model_from_record
+from .record_io.reserved import RESERVED_RATIO, reserved_indices
 from .data import DatasetSpec, ImageSet, Loader
 from .evaluation import eval_batch_size, evaluate
 from .training import resolve_device, seed_everything
@@ -151,13 +152,11 @@ def on_test_half(bench: Bench, half: Optional[str]) -> Bench:
                    identity={**bench.identity, "test_half": half})
 
 
-def bench_from_record(record, *, ratio: Optional[float] = 0.05, seed: int = 0, device: str = "auto",
+def bench_from_record(record, *, ratio: Optional[float] = RESERVED_RATIO, seed: int = 0, device: str = "auto",
                       index_file: Optional[str] = None, model: Optional[nn.Module] = None,
                       data: str = "clean", eval_batch_size: Optional[int] = None, precision: Any = "fp32") -> Bench:
     """A Bench from a loaded AttackRecord: the reserved set is BackdoorBench's draw (`data="none"`: no
     reserved set); `model` replaces the record's (e.g. a checkpoint's weights)."""
-    from .backdoorbench.records import model_from_record
-
     device = resolve_device(device)
     index = reserved_indices(len(record.clean_train), ratio, index_file, seed) if data != "none" else None
     identity = {"record": str(Path(record.folder).resolve()), "ratio": None if index_file else ratio,

@@ -1,7 +1,7 @@
 """Compare defenses on one backdoored model: same reserved subset, same seed, one table.
 
     record = load_attack_result("record/badnet")
-    benches = [bench_from_record(record, ratio=0.05, seed=s, device="auto") for s in (0, 1, 2)]
+    benches = [bench_from_record(record, seed=s, device="auto") for s in (0, 1, 2)]
     rows = compare(benches, ["d3", "ft", "ft-sam"], epochs=20, out="record/badnet/compare")
     table = aggregate(rows)   # one row per defense: mean, sample std, min, max over the seeds
 

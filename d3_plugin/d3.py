@@ -16,7 +16,7 @@ Defaults and their source (paper = arXiv 2411.09585; code = the authors' defense
     normalize=True                  code: loss / (λ + 1) when λ > 1
     warm_start="random"             code: uniform(−0.5, 0.5) rescaled to ‖W_init‖_F
     layers=None → every nn.Linear   paper: "the linear layers"; code selects a named module (callers
-                                    pass the architecture's θs: models.default_layers(name, preset))
+                                    pass the architecture's θs: d3_targets.default_layers(name, preset))
     lr=0.01, lr_rest=None (= lr)    code; per architecture where measured (ARCHITECTURE_SOLVER)
     momentum=0.9, wd=0,
     cosine schedule, batch 256,
@@ -27,7 +27,7 @@ of T²·KL to the input model's soft labels on the clean batches, temperature di
 of mixup on the clean batches), unlearn (weight of the true-label loss under the input model's universal
 perturbation towards its easiest class, pixel L∞ unlearn_eps).
 
-PRESETS["paper"] restores the paper's λ 10 (and, through models.default_layers(name, "paper"), its θs, and
+PRESETS["paper"] restores the paper's λ 10 (and, through d3_targets.default_layers(name, "paper"), its θs, and
 the code's single lr 0.01 on every architecture).
 
 Run settings (not the algorithm's): precision="auto" (d3_plugin.precision: bf16 autocast on a CPU with
@@ -217,7 +217,7 @@ def input_shortcut(model: nn.Module, clean_batches, eps: float):
     the input model (d3_plugin.probe, in eval mode; on a backdoored model that class is the target, δ the
     shortcut to it), fitted on the first SHORTCUT_IMAGES reserved images without augmentation."""
     from .data import Loader
-    from .defenses.adversarial import input_box
+    from .adversarial import input_box
     from .probe import ProbeConfig, class_perturbations
     plain = Loader(clean_batches.data.subset(torch.arange(min(SHORTCUT_IMAGES, len(clean_batches.data)))),
                    clean_batches.spec, SHORTCUT_IMAGES, device=clean_batches.device)
@@ -277,9 +277,9 @@ ARCHITECTURE_SOLVER = {"small_cnn": {"lr": 0.1, "lr_rest": 0.01}}
 
 
 def architecture_layers(model_name, preset: str) -> dict:
-    """D3's θs for an architecture under a preset (`models.default_layers`), and under the default preset its
+    """D3's θs for an architecture under a preset (`d3_targets.default_layers`), and under the default preset its
     solver settings (ARCHITECTURE_SOLVER)."""
-    from .models import default_layers
+    from .d3_targets import default_layers
     solver = ARCHITECTURE_SOLVER.get(model_name, {}) if preset == "default" else {}
     return {"layers": default_layers(model_name, preset), **solver}
 

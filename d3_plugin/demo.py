@@ -16,8 +16,9 @@ import torch
 
 from .attacks import BadNets, TrainConfig, poison_test_set, poison_training_set, train_model
 from . import registry
-from .backdoorbench.outputs import plot_panels
-from .backdoorbench.reserved import reserved_indices
+from .checks import is_integer
+from .record_io.outputs import plot_panels
+from .record_io.reserved import RESERVED_RATIO, reserved_indices
 from .bench import Bench
 from .compare import compare, text_table
 from .files import ensure_writable, torch_save
@@ -37,11 +38,11 @@ class DemoConfig:
     poison_ratio: float = 0.1
     target: int = 0
     train_size: Optional[int] = None  # None: all 60,000 training images
-    attack: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=0.05, batch_size=128))
+    attack: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6))
     defenses: tuple = ("ft", "d3")
     defense_epochs: int = 60
     defense_lr: float = 0.03  # FT and D3 alike; 60 epochs instead of the authors' 100 at lr 0.01
-    reserved_ratio: float = 0.05
+    reserved_ratio: float = RESERVED_RATIO
     curve_samples: int = 2000  # per-epoch curves use this many clean and poisoned test images
 
     def defense_overrides(self, name: str) -> Dict:
@@ -49,10 +50,10 @@ class DemoConfig:
 
     def check(self) -> None:
         """Every setting checked, in one line, before any data is read or model trained."""
-        if self.train_size is not None and not (registry.is_integer(self.train_size) and self.train_size >= 1):
+        if self.train_size is not None and not (is_integer(self.train_size) and self.train_size >= 1):
             raise ValueError(f"--train-size must be an integer ≥ 1 (leave it out for all images), "
                              f"got {self.train_size}")
-        if not (registry.is_integer(self.attack.epochs) and self.attack.epochs >= 1):
+        if not (is_integer(self.attack.epochs) and self.attack.epochs >= 1):
             raise ValueError(f"--attack-epochs must be an integer ≥ 1, got {self.attack.epochs}")
         for name in self.defenses:  # the registry checks the budget, lr and seed as compare will use them
             registry.build(name, "fashion_mnist", model=self.model, budget=self.defense_epochs,

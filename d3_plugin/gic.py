@@ -29,7 +29,7 @@ from torch import nn
 
 from . import registry
 from .data import DatasetSpec, ImageSet
-from .defenses.adversarial import evaluating
+from .adversarial import evaluating
 
 NORMS = ("linf", "l2")
 LABELS = ("auto", "given", "victim")

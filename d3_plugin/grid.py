@@ -8,7 +8,7 @@ A grid file (YAML; docs/grid.md has every key):
     out: grids/table1                 # default: beside the file, named after it
     seeds: [0, 1, 2]
     epochs: 20                        # every defense's budget (default: each one's own)
-    ratio: 0.05                       # reserved fraction (BackdoorBench's draw per seed); a list sweeps it
+    ratio: 0.1                        # reserved fraction, drawn per seed (default RESERVED_RATIO); a list sweeps it
     attacks:
       - record: /path/record/badnet   # an existing record
       - attack: blended               # trained by `d3-plugin attack` into <out>/record/<name>
@@ -45,15 +45,18 @@ import yaml
 
 from . import registry
 from .errors import one_line
+from .attacks.make import SPEC_FIELDS, AttackSpec, make_record, spec_from_values
+from .attacks.registry import SAM_FLATTEN, resumes
 from .files import StagedFolder, write_json
+from .record_io.reserved import RESERVED_RATIO
 
 GRID_KEYS = {"out", "grids", "seeds", "epochs", "ratio", "device", "data_root", "attacks", "defenses", "sweep",
              "reserved_source", "calibrate", "calibrate_set", "dataset", "model", "test_half"}
-ATTACK_KEYS = {"record", "attack", "name", "from", "params", "epochs", "train_size", "model", "dataset", "ratio",
-               "target", "seed", "rho", "lr", "batch_size", "sam_epochs", "eval_every"}
+# an attack entry: an existing record, or an AttackSpec's options but those the grid sets (or does not offer)
+GRID_SET_OPTIONS = {"out", "device", "resume", "result_file", "data_root", "hessian_iterations", "plain_sam"}
+ATTACK_KEYS = {"record", "name", "from"} | set(SPEC_FIELDS) - GRID_SET_OPTIONS
 UNRECORDED_KEYS = {"eval_every"}  # attack options that change what is measured while training, not the record
 DEFENSE_KEYS = {"name", "label", "set", "sweep"}
-FLATTEN = "sam-flatten"
 NO_DEFENSE = "no defense"
 RECORD_STAMP = "grid_record.json"  # in a trained record: the identity of the options that made it
 
@@ -174,7 +177,7 @@ def plan(raw: Mapping[str, Any], out: Path, base: Path = Path("."), records: Opt
     if raw.get("test_half") is not None:  # only when set: the cells of grids without it keep their keys
         settings["test_half"] = raw["test_half"]
     ratios = settings.pop("ratio")
-    ratios = ratios if isinstance(ratios, list) and ratios else [0.05 if ratios is None else ratios]
+    ratios = ratios if isinstance(ratios, list) and ratios else [RESERVED_RATIO if ratios is None else ratios]
     variants = []  # a list of ratios sweeps the reserved fraction too (the paper's Table 3)
     for ratio in ratios:
         variant = {**settings, "ratio": ratio}
@@ -266,7 +269,7 @@ def _one_attack(entry: dict, sweep, records: Path, base: Path, raw: Mapping,
     registry.get(attack, "attack")  # unknown attack: one line, now
     name = entry.pop("name", None) or attack
     source = entry.pop("from", None)
-    if (attack == FLATTEN) != (source is not None):
+    if (attack == SAM_FLATTEN) != (source is not None):
         raise GridError(f"attack {name}: `from: RECORD` goes with sam-flatten (and only with it)")
     sources = [j for j in earlier if source in (j.entry, j.name)] if source is not None else [None]
     if not sources:
@@ -352,9 +355,7 @@ def set_threads(threads: Optional[int]) -> None:
 
 
 def attack_argv(job: AttackJob) -> List[str]:
-    """The `d3-plugin attack` command line of a trained record; it continues a killed run where it can."""
-    from .commands.attack import resumes
-
+    """The `d3-plugin attack` command line that makes the record of `job` (written beside it)."""
     options = dict(job.options)
     attack = options.pop("attack")
     argv = ["attack", attack, "--out", job.folder] + (["--resume"] if resumes(attack) else [])
@@ -368,6 +369,14 @@ def attack_argv(job: AttackJob) -> List[str]:
     return argv
 
 
+def attack_spec(job: AttackJob, device: str = "auto") -> AttackSpec:
+    """The AttackSpec of a trained record; it continues a killed run where it can."""
+    options = dict(job.options)
+    params = {key[len("params."):]: options.pop(key) for key in list(options) if key.startswith("params.")}
+    return spec_from_values({**options, "out": job.folder, "result_file": job.source, "device": device,
+                             "resume": resumes(options["attack"]), "params": params})
+
+
 def run_attack_job(job: AttackJob, device: str = "auto", threads: Optional[int] = None) -> Dict[str, Any]:
     """Train (or flatten) one record unless it is complete and was made with the job's options (its
     RECORD_STAMP); a record made with other options is moved aside first. {name, seconds, error, note}."""
@@ -379,16 +388,13 @@ def run_attack_job(job: AttackJob, device: str = "auto", threads: Optional[int] 
         folder.rename(aside)
         note = f"made with other options than the grid's; moved to {aside} and made again"
     set_threads(threads)
-    from .cli import main
-
-    started = time.perf_counter()
-    argv = attack_argv(job) + (["--device", device] if "device" not in job.options else [])
+    started, error = time.perf_counter(), ""
     try:
-        status = main(argv)
-        error = "" if status == 0 else f"d3-plugin {' '.join(argv)} exited with status {status}"
+        make_record(attack_spec(job, device))
     except Exception as failure:  # noqa: BLE001 - reported in the grid, never fatal to it
         error = f"{type(failure).__name__}: {one_line(failure)}"
     if not error:
+        argv = attack_argv(job) + ["--device", device]
         write_json(folder / RECORD_STAMP, {"identity": job.identity, "command": ["d3-plugin", *argv]})
     return {"name": job.name, "seconds": time.perf_counter() - started, "error": error, "note": note,
             "skipped": False}
@@ -450,7 +456,7 @@ def _cell_identity(cell: Cell) -> Dict[str, Any]:
 
 
 def _measure(cell: Cell) -> Dict[str, Any]:
-    from .backdoorbench.records import load_attack_result
+    from .record_io.records import load_attack_result
     from .bench import bench_from_record, on_test_half, with_auxiliary
     from .compare import build_for, run_native
 
@@ -480,7 +486,7 @@ def _publish(final: Path, result: Mapping[str, Any]) -> None:
 
 def no_defense_cells(grid: Grid) -> List[Cell]:
     """One seed-independent cell per record: the backdoored model's own ACC / ASR / RA (DER's reference)."""
-    settings = grid.cells[0].settings if grid.cells else {"ratio": 0.05, "device": "auto"}
+    settings = grid.cells[0].settings if grid.cells else {"ratio": RESERVED_RATIO, "device": "auto"}
     plain = {**settings, "reserved_source": None, "calibrate": None, "calibrate_set": None}
     return [_keyed(Cell(job.name, job.folder, NO_DEFENSE, NO_DEFENSE, {}, 0, plain, record_identity=job.identity))
             for job in grid.attacks]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .defenses.adversarial import InputBox, evaluating
+from .adversarial import InputBox, evaluating
 
 
 @dataclass

@@ -40,16 +40,17 @@ This package's own entry points (setup.cfg) name the same objects its modules re
 """
 from __future__ import annotations
 
-import argparse
 import builtins
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.metadata
 import inspect
 import json
 import pkgutil
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Proto
 
 import yaml
 
+from .checks import COMMON_FIELDS, FLOAT32_MAX, fits_float32, is_bool_hint, is_integer, parse_bool
 from .errors import one_line
 from .shipped import shipped_folder
 
@@ -122,6 +124,9 @@ class Entry:
 
 
 _REGISTERED: Dict[Tuple[str, str], Entry] = {}
+# group → reader of that group's plugin objects, set by the module that defines the group's shape
+# (attacks.registry reads trigger factories and `Attack`s)
+PLUGIN_READERS: Dict[str, Callable[[str, Any], Entry]] = {}
 
 
 def _key(name: str) -> str:
@@ -175,6 +180,7 @@ def _claim(entry: Entry) -> None:
     if existing is not None and existing.origin == DISTRIBUTION and entry.origin != DISTRIBUTION:
         raise ValueError(f"the {entry.group} name {entry.name!r} is taken by {DISTRIBUTION}; register under another name")
     _REGISTERED[(entry.group, entry.name)] = entry
+    _LOADED.clear()
 
 
 def _distribution_of(obj) -> str:
@@ -199,6 +205,7 @@ def check_defend_function(function) -> None:
 
 # --- loading: built-in modules, shipped notes, entry points -----------------------------------------
 
+@functools.cache
 def _import_builtins() -> None:
     for module in BUILTIN_MODULES:
         importlib.import_module(module)
@@ -262,8 +269,8 @@ def _plugin_entry(name: str, group: str, obj: Any) -> Entry:
     registered = getattr(obj, "registered_as", None)
     if registered and (group, registered) in _REGISTERED and group != "attack":
         return _REGISTERED[(group, registered)]
-    if group == "attack":
-        return _attack_plugin(name, obj)
+    if group in PLUGIN_READERS:
+        return PLUGIN_READERS[group](_key(name), obj)
     if group == "calibration":
         if not callable(obj) or isinstance(obj, type):
             raise TypeError(f"a calibration plugin must be a function registered with register_calibration, "
@@ -290,22 +297,6 @@ def _plugin_entry(name: str, group: str, obj: Any) -> Entry:
                  notes=_first_line(obj.__doc__))
 
 
-def _attack_plugin(name: str, obj: Any) -> Entry:
-    from .attacks.registry import Attack
-
-    if isinstance(obj, Attack):
-        return Entry(_key(name), "attack", obj, data="poisoned")
-    if not callable(obj):
-        raise TypeError(f"{type(obj).__name__} is neither an Attack nor a trigger factory")
-    parameters = inspect.signature(obj).parameters.values()
-    required = [p.name for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if required:
-        raise TypeError(f"trigger factory {getattr(obj, '__name__', name)} needs defaults for {', '.join(required)}")
-    defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
-    attack = Attack(_key(name), obj, _first_line(obj.__doc__) or name, trigger_params=defaults)
-    return Entry(attack.name, "attack", attack, data="poisoned", notes=attack.description)
-
-
 def _first_line(text: Optional[str]) -> str:
     return (text or "").strip().split("\n")[0]
 
@@ -327,16 +318,30 @@ def _plugins(group: str) -> List[Entry]:
     return found
 
 
+# (group, sys.path, registered names) → the shipped entries of `load`, read once per process: a
+# registration empties it, another sys.path (a distribution added) or registered set is another key
+_LOADED: Dict[tuple, Dict[str, Entry]] = {}
+
+
 def load(group: str = "defense", notes: Optional[Path] = None) -> Dict[str, Entry]:
     """Every entry of `group` by name: registered modules, shipped notes (`registry/*.yaml`, defenses),
-    then plugins (a name we ship wins over a plugin's)."""
+    then plugins (a name we ship wins over a plugin's). With the shipped notes, read once and kept."""
     if group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; use {', '.join(GROUPS)}")
     _import_builtins()
+    if notes is not None:
+        return _read_entries(group, notes)
+    key = (group, tuple(sys.path), tuple(_REGISTERED))
+    if key not in _LOADED:
+        _LOADED[key] = _read_entries(group, shipped_folder("registry"))
+    return dict(_LOADED[key])
+
+
+def _read_entries(group: str, notes: Path) -> Dict[str, Entry]:
     entries = {name: copy.copy(entry) for (g, name), entry in _REGISTERED.items() if g == group}
     for entry in entries.values():  # fresh per load: notes below fill them
         entry.overrides, entry.override_sources = dict(entry.overrides), dict(entry.override_sources)
-    for name, raw in _read_notes(notes or shipped_folder("registry")).items():
+    for name, raw in _read_notes(notes).items():
         if raw.get("group", "defense") == group:
             apply_notes(entries.setdefault(name, Entry(name, group)), raw)
     for entry in _plugins(group):
@@ -433,33 +438,6 @@ def make_config(entry: Entry, values: Mapping[str, Any]):
     return config
 
 
-FLOAT32_MAX = 3.4028234663852886e38  # weights are float32: torch cannot take a larger lr or factor
-
-
-def fits_float32(value: float) -> bool:
-    """Not a finite number beyond float32's range (infinities and NaN are each check's own to judge)."""
-    return not FLOAT32_MAX < abs(value) < float("inf")
-
-
-# fields many configs share, checked for every defense: name → (test, what it must be)
-COMMON_FIELDS = {
-    "batch_size": (lambda v: is_integer(v) and v >= 1, "an integer ≥ 1"),
-    "lr": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
-    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "weight_decay": (lambda v: is_number(v) and v >= 0, "a finite number ≥ 0"),
-    "seed": (lambda v: is_integer(v) and v >= 0, "an integer ≥ 0"),
-}
-
-
-def is_integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-    import math
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_common(entry: Entry, config) -> None:
     """One-line ValueError for a shared field out of range, and for a budget field that is not a count ≥ 0
     (a defense's own checks live in its config's __post_init__)."""
@@ -492,30 +470,6 @@ def parse_assignment(item: str, option: str, example: str) -> Tuple[str, Any]:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as error:
         raise ValueError(f"{option} {item!r}: invalid YAML value ({one_line(error)}); fix or quote it") from None
-
-
-BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-
-
-class NotABoolean(ValueError, argparse.ArgumentTypeError):
-    """A value parse_bool refuses (argparse prints the message as is)."""
-
-
-def parse_bool(value, name: str = "") -> bool:
-    """The one boolean parser of every front end (options, YAML values, --set): true/false, yes/no, 1/0 in any
-    case; anything else is refused, never read as false."""
-    if isinstance(value, bool):
-        return value
-    key = str(value).strip().lower() if isinstance(value, (str, int)) else None
-    if key not in BOOLEANS:
-        raise NotABoolean(f"{name + ' ' if name else ''}must be true or false (or yes/no, 1/0), got {value!r}")
-    return BOOLEANS[key]
-
-
-def is_bool_hint(hint) -> bool:
-    """bool or Optional[bool]."""
-    return hint is bool or (typing.get_origin(hint) is typing.Union and bool in typing.get_args(hint)
-                            and all(a in (bool, type(None)) for a in typing.get_args(hint)))
 
 
 def config_hash(payload: Mapping) -> str:

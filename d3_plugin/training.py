@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .errors import one_line
 from .files import torch_save
 from .precision import Precision, model_device, resolve_precision
+from .record_io.safe_load import safe_torch_load
 from .sam import SAM
 
 Objective = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple]
@@ -246,8 +247,6 @@ class EpochCheckpoint:
 
     def load(self, epochs: int) -> dict:
         """The file's contents, checked against this run (its epochs and `extra`)."""
-        from .backdoorbench.safe_load import safe_torch_load  # here: no import cycle through backdoorbench
-
         try:
             state = safe_torch_load(self.path)
         except (OSError, ValueError) as error:  # CheckpointError / UnsafeCheckpoint are ValueErrors

@@ -194,7 +194,7 @@ def synthetic(n: int, seed: int) -> ImageSet:
 @pytest.fixture
 def record(tmp_path):
     """A small synthetic AttackRecord in memory (an untrained small CNN, 400 train and 100 test images)."""
-    from d3_plugin.backdoorbench.records import AttackRecord
+    from d3_plugin.record_io.records import AttackRecord
 
     torch.manual_seed(TEST_SEED)
     test = synthetic(100, 1)

@@ -16,7 +16,7 @@ from torch import nn
 
 from d3_plugin import analysis, cli
 from d3_plugin.attacks import BadNets, poison_test_set
-from d3_plugin.backdoorbench import records
+from d3_plugin.record_io import records
 from d3_plugin.bench import bench_from_record
 from d3_plugin.data import ImageSet, Loader, dataset_spec
 from d3_plugin.models import build_model

@@ -162,7 +162,7 @@ def test_entry_points_expose_the_attacks():
 
 
 def test_record_round_trips_through_the_loader(tmp_path, fmnist):
-    records = pytest.importorskip("d3_plugin.backdoorbench.records")
+    records = pytest.importorskip("d3_plugin.record_io.records")
     from d3_plugin.attacks.record import save_record
     from d3_plugin.data.readers import dataset_spec
     from d3_plugin.models import build_model
@@ -268,9 +268,9 @@ def dies_in_measurement(real, number: int, calls: list):
 
 
 def test_a_killed_attack_resumes_through_both_phases_to_the_same_record_bit_for_bit(tmp_path, monkeypatch, capsys):
-    from d3_plugin.backdoorbench.safe_load import safe_torch_load
+    from d3_plugin.record_io.safe_load import safe_torch_load
     from d3_plugin.cli import main
-    from d3_plugin.commands import attack as command
+    from d3_plugin.attacks import make as command  # what `d3-plugin attack` runs
     from d3_plugin.training import seed_everything
 
     seed_everything(TEST_SEED)
@@ -323,7 +323,7 @@ def test_a_record_made_on_a_smaller_test_split_loads_back(tmp_path):
 
     import numpy as np
 
-    from d3_plugin.backdoorbench.records import load_attack_result
+    from d3_plugin.record_io.records import load_attack_result
     from d3_plugin.cli import main
     from d3_plugin.training import seed_everything
 

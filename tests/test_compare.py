@@ -16,7 +16,7 @@ import torch
 from d3_plugin import compare as cmp
 from d3_plugin import registry
 from d3_plugin.attacks import BadNets, poison_test_set
-from d3_plugin.backdoorbench import records
+from d3_plugin.record_io import records
 from d3_plugin.data import ImageSet, dataset_spec
 from d3_plugin.models import build_model
 

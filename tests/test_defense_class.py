@@ -19,11 +19,12 @@ from PIL import Image
 from d3_plugin.attacks.badnets import BadNets
 from d3_plugin.attacks.base import poison_test_set, poison_training_set
 from d3_plugin.attacks.training import TrainConfig, train_model
-from d3_plugin.backdoorbench import install, outputs
+from d3_plugin.backdoorbench import install
+from d3_plugin.record_io import outputs
 from d3_plugin.backdoorbench.defense import d3, main
-from d3_plugin.backdoorbench.records import model_from_record, write_attack_record
-from d3_plugin.backdoorbench.reserved import EmptyReservedSet, draw_reserved, reserved_indices
-from d3_plugin.backdoorbench.safe_load import safe_torch_load
+from d3_plugin.record_io.records import model_from_record, write_attack_record
+from d3_plugin.record_io.reserved import EmptyReservedSet, draw_reserved, reserved_indices
+from d3_plugin.record_io.safe_load import safe_torch_load
 from d3_plugin.commands import defend
 from d3_plugin.data import dataset_spec, load_dataset
 from d3_plugin.models import build_model

@@ -12,7 +12,8 @@ from torch import nn
 
 from d3_plugin.data import Loader
 from d3_plugin.data.readers import dataset_spec
-from d3_plugin.defenses import adversarial, aft, anp, ibau, sau
+from d3_plugin import adversarial
+from d3_plugin.defenses import aft, anp, ibau, sau
 from d3_plugin.evaluation import evaluate
 
 from conftest import TEST_SEED, observed

@@ -9,7 +9,7 @@ import pytest
 from d3_plugin import precision
 from d3_plugin.d3 import D3Config, detoxify
 from d3_plugin.evaluation import summarize
-from d3_plugin.models import default_layers
+from d3_plugin.d3_targets import default_layers
 
 from conftest import observed
 

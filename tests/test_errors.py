@@ -39,8 +39,8 @@ def test_a_damaged_cifar_batch_is_one_line(tmp_path, capsys):
 
 
 def test_a_record_whose_model_is_not_a_state_dict_is_refused(tmp_path):
-    from d3_plugin.backdoorbench.records import load_attack_result
-    from d3_plugin.backdoorbench.safe_load import CheckpointError
+    from d3_plugin.record_io.records import load_attack_result
+    from d3_plugin.record_io.safe_load import CheckpointError
     folder = tmp_path / "record" / "bad"
     folder.mkdir(parents=True)
     keys = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")

@@ -298,7 +298,7 @@ def test_the_shipped_reproduction_grid_file_plans(tmp_path):
 
 def test_a_test_half_measures_even_or_odd_test_images_and_keys_its_own_cells(made, tmp_path):
     import torch
-    from d3_plugin.backdoorbench.records import load_attack_result
+    from d3_plugin.record_io.records import load_attack_result
     from d3_plugin.bench import bench_from_record, on_test_half
     root, data = made
     bench = bench_from_record(load_attack_result(root / "record" / "badnets", str(data)), ratio=0.1, device="cpu")
@@ -320,3 +320,16 @@ def test_the_shipped_efficacy_grid_file_plans(tmp_path):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "d3_efficacy.yaml"
     (dev,) = grids.load_grids(path, out=str(tmp_path))
     assert dev.cells and all(cell.settings["test_half"] == "dev" for cell in dev.cells)
+
+
+def test_a_grid_attack_job_is_made_from_a_typed_spec_not_a_command_line():
+    job = AttackJob("b", "/g/record/b", {"attack": "badnets", "epochs": 2, "lr": "1e-3", "params.size": 4})
+    spec = grids.attack_spec(job, "cpu")
+    assert (spec.attack, spec.out, spec.epochs, spec.lr, dict(spec.params)) == ("badnets", "/g/record/b", 2, 0.001,
+                                                                               {"size": 4})
+    assert (spec.device, spec.resume, spec.result_file) == ("cpu", True, None)
+    for options, message in (({"epochs": 2.5}, "--epochs must be an integer, got 2.5"),
+                             ({"lr": "fast"}, "--lr must be a number, got 'fast'"),
+                             ({"seed": True}, "--seed must be an integer, got True")):
+        with pytest.raises(ValueError, match=message):
+            grids.attack_spec(AttackJob("b", "/g/record/b", {"attack": "badnets", **options}), "cpu")

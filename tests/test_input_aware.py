@@ -218,7 +218,7 @@ def record(tmp_path_factory):
 
 
 def test_command_line_writes_a_record_that_loads_and_evaluates(record):
-    from d3_plugin.backdoorbench.records import load_attack_result, model_from_record
+    from d3_plugin.record_io.records import load_attack_result, model_from_record
 
     record, data = record
     loaded = load_attack_result(record, data)
@@ -255,10 +255,11 @@ def test_bad_param_is_a_one_line_error(tmp_path, capsys, param, message):
 
 def test_param_values_reach_the_config():
     from d3_plugin.cli import build_parser
-    from d3_plugin.commands.attack import input_aware_config
+    from d3_plugin.attacks.make import input_aware_config
+    from d3_plugin.commands.attack import spec_of
 
     args = build_parser()[0].parse_args(["attack", "input-aware", "--out", "x/record/y", "--epochs", "3", "--ratio",
                                          "0.2", "--param", "generator_lr=1e-3", "--param", "cross_ratio=0.05"])
-    config = input_aware_config(args)
+    config = input_aware_config(spec_of(args))
     assert (config.epochs, config.ratio, config.generator_lr, config.cross_ratio) == (3, 0.2, 0.001, 0.05)
     assert (config.lr, config.batch_size, config.mask_density) == (0.05, 128, 0.06)  # defaults where not given

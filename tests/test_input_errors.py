@@ -3,7 +3,7 @@ nothing behind. Fast: no training; every test builds what it needs in tmp_path."
 import pytest
 import torch
 
-from d3_plugin import registry
+from d3_plugin import checks, registry
 from d3_plugin.cli import main
 
 
@@ -21,8 +21,8 @@ def test_a_float_beyond_float32_is_refused(name, field):
 
 
 def test_a_record_with_a_negative_class_count_is_refused(tmp_path):
-    from d3_plugin.backdoorbench.records import load_attack_result
-    from d3_plugin.backdoorbench.safe_load import CheckpointError
+    from d3_plugin.record_io.records import load_attack_result
+    from d3_plugin.record_io.safe_load import CheckpointError
     folder = tmp_path / "record" / "bad"
     folder.mkdir(parents=True)
     keys = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
@@ -38,13 +38,13 @@ def test_a_record_with_a_negative_class_count_is_refused(tmp_path):
 @pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("YES", True), ("1", True), (1, True),
                                          ("false", False), ("No", False), ("0", False), (False, False)])
 def test_booleans_in_any_case(text, value):
-    assert registry.parse_bool(text) is value
+    assert checks.parse_bool(text) is value
 
 
 @pytest.mark.parametrize("text", ["maybe", "2", 2, "", 1.0, None, "truthy"])
 def test_anything_else_is_not_a_boolean(text):
     with pytest.raises(ValueError, match="must be true or false"):
-        registry.parse_bool(text)
+        checks.parse_bool(text)
 
 
 @pytest.mark.parametrize("option", ["--resume", "--normalize", "--bn_train", "--amp"])
@@ -75,7 +75,7 @@ def test_a_boolean_in_a_yaml_file_or_set_is_parsed_the_same_way(tmp_path):
 # --- 3. degenerate inputs -----------------------------------------------------------------------------
 
 def test_an_index_file_repeating_an_index_is_refused(tmp_path):
-    from d3_plugin.backdoorbench.reserved import reserved_indices
+    from d3_plugin.record_io.reserved import reserved_indices
     (tmp_path / "idx.txt").write_text("7\n7\n7\n")
     with pytest.raises(ValueError, match=r"repeats index 7 \(3 times\); list each index once"):
         reserved_indices(100, index_file=str(tmp_path / "idx.txt"))
@@ -304,7 +304,7 @@ def test_defend_refuses_an_empty_layers_option(capsys, tmp_path):
 
 
 def test_a_checkpoint_that_is_not_a_file_says_what_it_is(tmp_path):
-    from d3_plugin.backdoorbench.records import load_attack_result, load_model_checkpoint
+    from d3_plugin.record_io.records import load_attack_result, load_model_checkpoint
     (tmp_path / "folder.pt").mkdir()
     (tmp_path / "zero.pt").symlink_to("/dev/zero")
     (tmp_path / "dangling.pt").symlink_to(tmp_path / "nowhere")
@@ -321,7 +321,7 @@ def test_a_checkpoint_that_is_not_a_file_says_what_it_is(tmp_path):
 
 def test_index_and_config_files_that_are_folders_say_so(tmp_path):
     from d3_plugin.backdoorbench.defense import read_yaml
-    from d3_plugin.backdoorbench.reserved import read_index_file
+    from d3_plugin.record_io.reserved import read_index_file
     with pytest.raises(IsADirectoryError, match="index file .* is a folder, expected a file; pass a file of indices"):
         read_index_file(tmp_path, 10)
     with pytest.raises(IsADirectoryError, match="config file .* is a folder, expected a file; pass --yaml_path"):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from d3_plugin.models import build_model, default_layers, model_names
+from d3_plugin.d3_targets import default_layers
+from d3_plugin.models import build_model, model_names
 
 
 def expected_preactresnet18(num_classes=10):

@@ -4,8 +4,8 @@ import torch
 
 from d3_plugin.d3 import D3Config, detoxify
 from d3_plugin.data import Loader
-from d3_plugin.defenses.adversarial import InputBox
-from d3_plugin.models import default_layers
+from d3_plugin.adversarial import InputBox
+from d3_plugin.d3_targets import default_layers
 from d3_plugin.probe import ProbeConfig, backdoor_probe, class_scores, universal_perturbation
 
 from conftest import observed

@@ -11,9 +11,9 @@ from PIL import Image
 
 from d3_plugin.attacks.badnets import BadNets
 from d3_plugin.attacks.base import poison_test_set, poison_training_set
-from d3_plugin.backdoorbench.records import (AttackRecord, load_attack_result, load_model_checkpoint,
+from d3_plugin.record_io.records import (AttackRecord, load_attack_result, load_model_checkpoint,
                                              model_from_record, write_attack_record, write_defense_result)
-from d3_plugin.backdoorbench.safe_load import CheckpointError, UnsafeCheckpoint, safe_torch_load
+from d3_plugin.record_io.safe_load import CheckpointError, UnsafeCheckpoint, safe_torch_load
 from d3_plugin.data import load_dataset
 from d3_plugin.data.readers import DatasetNotFound, load_gtsrb, load_tiny
 from d3_plugin.models import build_model
@@ -263,7 +263,7 @@ def test_gtsrb_and_tiny_readers(tmp_path):
 @pytest.mark.parametrize("name,classes", [("squeezenet1_0", 7), ("small_cnn", 7), ("preactresnet18", 7)])
 def test_class_count_comes_from_the_head_even_with_several_default_layers(name, classes):
     """small_cnn's θs start with a conv and `fc` (64 outputs); SqueezeNet's head is a conv."""
-    from d3_plugin.backdoorbench.records import _infer_num_classes
+    from d3_plugin.record_io.records import _infer_num_classes
     with torch.device("meta"):
         state = build_model(name, classes, 3, 32).state_dict()
     assert _infer_num_classes(name, state) == classes

@@ -136,6 +136,19 @@ def test_script_only_entry_builds_a_backdoorbench_runner():
     assert nc.entry.backdoorbench == "nc" and nc.config_dict()["epochs"] == 2
 
 
+def test_the_shipped_registry_is_read_once_per_process(monkeypatch):
+    reads = []
+    read_notes, plugins = registry._read_notes, registry._plugins
+    monkeypatch.setattr(registry, "_LOADED", {})
+    monkeypatch.setattr(registry, "_read_notes", lambda folder: reads.append("notes") or read_notes(folder))
+    monkeypatch.setattr(registry, "_plugins", lambda group: reads.append(group) or plugins(group))
+    for _ in range(3):
+        registry.get("d3")
+        registry.build("ft", budget=1)
+        registry.names("attack")
+    assert sorted(reads) == ["attack", "defense", "notes", "notes"]  # once per group: YAML files, entry points
+
+
 @pytest.mark.parametrize("text, message", [
     ("name: x\ndata: sometimes\nbackdoorbench: x\n", "x.yaml: `data` must be one of"),
     ("name: x\nimplementation: {native: a:b}\n", "unknown keys \\['implementation'\\]"),

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from d3_plugin.backdoorbench.safe_load import safe_torch_load
+from d3_plugin.record_io.safe_load import safe_torch_load
 from d3_plugin.d3 import D3Config, detoxify
 from d3_plugin.data import DatasetSpec, ImageSet, Loader
 from d3_plugin.files import torch_save, write_bytes
-from d3_plugin.models import build_model, default_layers
+from d3_plugin.d3_targets import default_layers
+from d3_plugin.models import build_model
 from d3_plugin.training import (EpochCheckpoint, cosine, cross_entropy, fit, seed_everything, sgd, train_classifier,
                                 train_epoch)
 

@@ -38,7 +38,7 @@ from torch import nn
 from ..data import DatasetSpec, ImageSet, Loader
 from ..evaluation import evaluate
 from ..files import torch_save
-from ..registry import is_integer, is_number
+from ..checks import is_integer, is_number
 from ..training import cosine, fit, sgd
 from .base import poison_test_set, poison_training_set
 from .training import TrainConfig
@@ -216,7 +216,7 @@ class InputAwareTrigger:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "InputAwareTrigger":
-        from ..backdoorbench.safe_load import safe_torch_load
+        from ..record_io.safe_load import safe_torch_load
 
         state = safe_torch_load(Path(path))
         generator, mask = build_networks(int(state["channels"]), int(state["width"]), 0)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..data import DatasetSpec, ImageSet, Loader
-from ..backdoorbench.outputs import write_metric_table, write_summary_table
+from ..record_io.outputs import write_metric_table, write_summary_table
 from ..evaluation import evaluate
 from ..files import write_text
 
@@ -59,7 +59,7 @@ def save_record(folder: str | os.PathLike, model: nn.Module, *, model_name: str,
                 history: List[Dict[str, float]], info: dict, data_path: Optional[str] = None,
                 clean_train_size: Optional[int] = None, clean_test_size: Optional[int] = None) -> Path:
     """Write the whole record folder (see module doc); `folder` must be <checkout>/record/<name>."""
-    from ..backdoorbench.records import write_attack_record
+    from ..record_io.records import write_attack_record
 
     folder = Path(folder)
     write_attack_record(folder, model_name=model_name, num_classes=num_classes,

@@ -6,6 +6,7 @@ for the shapes accepted).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -87,6 +88,31 @@ INPUT_AWARE = "input-aware"
 registry.register_attack(input_aware, name=INPUT_AWARE, config=InputAwareConfig,
                          notes="per-image triggers from a generator trained with the classifier "
                                "(Nguyen & Tran 2020)")
+
+
+def resumes(attack: str) -> bool:
+    """Whether training `attack` keeps the epoch checkpoints that `d3-plugin attack --resume` continues."""
+    return attack != INPUT_AWARE
+
+
+def attack_plugin(name: str, obj: Any) -> registry.Entry:
+    """The entry of an attack plugin: an `Attack`, or a trigger factory whose parameters all have defaults
+    (TypeError: neither)."""
+    if isinstance(obj, Attack):
+        return registry.Entry(name, "attack", obj, data="poisoned")
+    if not callable(obj):
+        raise TypeError(f"{type(obj).__name__} is neither an Attack nor a trigger factory")
+    parameters = inspect.signature(obj).parameters.values()
+    required = [p.name for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise TypeError(f"trigger factory {getattr(obj, '__name__', name)} needs defaults for {', '.join(required)}")
+    defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+    description = (obj.__doc__ or "").strip().split("\n")[0]
+    attack = Attack(name, obj, description or name, trigger_params=defaults)
+    return registry.Entry(attack.name, "attack", attack, data="poisoned", notes=attack.description)
+
+
+registry.PLUGIN_READERS["attack"] = attack_plugin
 
 
 def attacks() -> Dict[str, Attack]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data import DatasetSpec, ImageSet, Loader
 from ..training import EpochCheckpoint, train_classifier
+from .training import TrainConfig
 
 
 @dataclass
@@ -26,7 +27,7 @@ class FlattenConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    batch_size: int = 128
+    batch_size: int = TrainConfig.batch_size
     seed: int = 0
 
     def __post_init__(self):

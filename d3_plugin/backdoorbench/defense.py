@@ -41,6 +41,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional
 from .. import __version__, registry
 from ..bench import bench_from_record, with_auxiliary
 from ..data.readers import dataset_spec
+from ..checks import is_bool_hint, parse_bool
 from ..errors import INPUT_ERRORS, INPUT_ERROR_STATUS, INTERRUPTED_STATUS, is_out_of_memory, one_line, \
     out_of_memory_line
 from ..evaluation import defense_effectiveness_rate
@@ -48,8 +49,9 @@ from ..files import check_file
 from ..precision import PRECISIONS, resolve_precision
 from ..shipped import shipped_folder
 from ..training import due, resolve_device
-from . import outputs
-from .records import align_state_dict, load_attack_result, load_model_checkpoint, model_from_record, write_defense_result
+from ..record_io import outputs
+from ..record_io.reserved import RESERVED_RATIO
+from ..record_io.records import align_state_dict, load_attack_result, load_model_checkpoint, model_from_record, write_defense_result
 
 LOG_FORMAT = "%(asctime)s [%(levelname)-8s] [%(filename)s:%(lineno)d] %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d:%H:%M:%S"
@@ -108,7 +110,7 @@ def converter(hint) -> Callable[[Any], Any]:
     if typing.get_origin(hint) is typing.Union and len(args) == 1:
         return converter(args[0])
     if hint is bool:
-        return registry.parse_bool
+        return parse_bool
     if hint in (int, float, str):
         def scalar(value):
             return value if isinstance(value, hint) and not isinstance(value, bool) else hint(value)
@@ -204,7 +206,7 @@ class BackdoorBenchDefense:
         """Every option defaults to None (so the YAML decides) except --yaml_path."""
         for name, (kind, text) in STANDARD.items():
             spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if name == "data_root" else [])
-            parser.add_argument(*spellings, dest=name, type=registry.parse_bool if kind == "flag" else kind, help=text)
+            parser.add_argument(*spellings, dest=name, type=parse_bool if kind == "flag" else kind, help=text)
         parser.add_argument("--yaml_path", type=str, default=f"./config/defense/{cls.NAME}/config.yaml",
                             help="the config file (empty: the defaults only)")
         if cls.entry.presets:
@@ -228,7 +230,7 @@ class BackdoorBenchDefense:
         args.__dict__ = {**vars(args), **self.yaml_values, **self.cli_values}  # None: not set anywhere
         for name in (n for n, (kind, _) in STANDARD.items() if kind == "flag"):  # YAML's too: "maybe" is no False
             if getattr(args, name, None) not in (None, ""):
-                setattr(args, name, registry.parse_bool(getattr(args, name), name))
+                setattr(args, name, parse_bool(getattr(args, name), name))
         args.terminal_info = sys.argv
         self.args = args
         self.result = None
@@ -286,7 +288,7 @@ class BackdoorBenchDefense:
             raise ValueError(f"frequency_save must be ≥ 0 (0 is never), got {frequency}")
         ratio = getattr(self.args, "ratio", None)
         if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < float(ratio) <= 1):
-            raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}; e.g. --ratio 0.05")
+            raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}; e.g. --ratio {RESERVED_RATIO}")
         if getattr(self.args, "resume", None) and not takes_checkpoint(self.entry.run):
             raise ValueError(f"{self.entry.name} cannot resume a killed run (it keeps no epoch checkpoint); "
                              f"drop --resume")
@@ -556,8 +558,8 @@ def saved_parts(purified):
 def load_purified(folder) -> "torch.nn.Module":
     """A result folder's purified model as the defense made it: defense_result.pt (safe loader), wrapped
     again with its `<script>_bounds.pt` when there is one (BadActs)."""
-    from ..backdoorbench.safe_load import safe_torch_load
-    from .records import model_from_record
+    from ..record_io.safe_load import safe_torch_load
+    from ..record_io.records import model_from_record
 
     folder = Path(folder)
     result = safe_torch_load(folder / "defense_result.pt")
@@ -576,7 +578,7 @@ def takes_checkpoint(function) -> bool:
 
 
 def _type_name(hint) -> str:
-    if registry.is_bool_hint(hint):
+    if is_bool_hint(hint):
         return "boolean: true/false, yes/no or 1/0"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Union and len(args) == 1:

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from ..record_io.reserved import RESERVED_RATIO
+
 NAME = "analyze"
 HELP = ("the paper's analyses: loss/ACC/ASR along the line from the backdoored to the defended weights "
         "(interpolate), weight-change histograms FT vs D3 (weights), t-SNE of penultimate features (tsne), "
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     record = argparse.ArgumentParser(add_help=False)
     record.add_argument("--result_file", help="attack record folder (record/<attack>) or its attack_result.pt")
     record.add_argument("--epochs", type=int, help="training epochs of every defense (default: each one's own)")
-    record.add_argument("--ratio", type=float, default=0.05, help="reserved clean fraction of the training set")
+    record.add_argument("--ratio", type=float, default=RESERVED_RATIO, help="reserved clean fraction of the training set")
     record.add_argument("--seed", type=int, default=0,
                         help="seed of the reserved draw, the defenses, the sample subset and t-SNE (default 0)")
     record.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -87,7 +89,7 @@ def _defense_names(text: str, kind: str) -> List[str]:
 
 def _prepare(args: argparse.Namespace, kind: str):
     """Check the options (before any data is read), then load the record: (bench, defense names, out)."""
-    from ..backdoorbench.records import load_attack_result
+    from ..record_io.records import load_attack_result
     from ..compare import MAX_SEED, bench_from_record, check_overrides, parse_overrides
 
     if not args.result_file:
@@ -245,7 +247,7 @@ SUMMARY_COLUMNS = ("defense", "layers", "n", "mean_abs", "frobenius", "cosine")
 
 def run_weights(args: argparse.Namespace) -> int:
     from ..analysis import selected_weight_names, shared_histogram, weight_differences, weight_summary
-    from ..models import default_layers
+    from ..d3_targets import default_layers
 
     if args.bins < 1:
         raise ValueError(f"--bins must be ≥ 1, got {args.bins}")

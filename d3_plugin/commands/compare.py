@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..record_io.reserved import RESERVED_RATIO
+
 NAME = "compare"
 HELP = ("run several defenses on one BackdoorBench attack record with the same reserved data and seed "
         "(or seeds); print one table and save it as Markdown, CSV, JSON and a bar chart")
@@ -17,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated registry names (default {DEFAULT_DEFENSES}); prefix bb: to force "
                              "the BackdoorBench script, e.g. bb:ft; see `d3-plugin list`")
     parser.add_argument("--epochs", type=int, help="training epochs for every defense (default: each one's own)")
-    parser.add_argument("--ratio", type=float, default=0.05, help="reserved clean fraction of the training set")
+    parser.add_argument("--ratio", type=float, default=RESERVED_RATIO, help="reserved clean fraction of the training set")
     parser.add_argument("--index", help="reserved-set index file (one integer a line) instead of --ratio")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for the reserved draw and every defense (default 0); same as --seeds N")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..auxiliary import parse_source
-    from ..backdoorbench.records import load_attack_result
+    from ..record_io.records import load_attack_result
     from .. import registry
     from ..compare import (bench_from_record, check_overrides, compare, parse_defenses, parse_overrides, parse_seeds,
                            text_table)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..record_io.reserved import RESERVED_RATIO
+
 NAME = "detect"
 HELP = ("fit a detector on the reserved clean set and score the record's clean and poisoned test sets: "
         "AUROC, TPR at the false-positive rate, flagged fractions")
@@ -13,7 +15,7 @@ METHODS = ("badacts",)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--result_file", required=True, help="attack record folder (record/<attack>)")
     parser.add_argument("--method", default="badacts", choices=METHODS)
-    parser.add_argument("--ratio", type=float, default=0.05, help="reserved clean fraction of the training set")
+    parser.add_argument("--ratio", type=float, default=RESERVED_RATIO, help="reserved clean fraction of the training set")
     parser.add_argument("--seed", type=int, default=0, help="reserved draw and fit/threshold split")
     parser.add_argument("--fpr", type=float, default=None, help="false-positive rate of the threshold (default 0.05)")
     parser.add_argument("--layers", help="comma-separated modules to score (default: BadActs' automatic choice)")
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import registry
-    from ..backdoorbench.records import load_attack_result
+    from ..record_io.records import load_attack_result
     from ..bench import bench_from_record
     from ..defenses.badacts import detection_metrics, fit_detector
     from ..files import ensure_writable, write_json

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..data import Loader
 from ..training import cosine, cross_entropy, fit, sgd
-from .adversarial import InputBox, input_box, untargeted_pgd
+from ..adversarial import InputBox, input_box, untargeted_pgd
 from ..registry import register_defense
 
 LABELS = ("predicted", "given")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..training import fit
-from .adversarial import evaluating
+from ..adversarial import evaluating
 from ..registry import register_defense
 
 

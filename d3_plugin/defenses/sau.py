@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..training import fit
-from .adversarial import INITS, InputBox, evaluating, input_box, pgd
+from ..adversarial import INITS, InputBox, evaluating, input_box, pgd
 from ..registry import register_defense
 
 

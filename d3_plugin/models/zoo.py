@@ -19,9 +19,7 @@ from . import register_model
 from .preact_resnet import PreActResNet18
 
 
-# θs reaching into the last two residual stages: with the paper's `linear` alone a BackdoorBench Blended
-# record kept 46-58 % ASR in two of three seeds at a 20-epoch budget (docs/d3-stability.md).
-@register_model("preactresnet18", default_layers=["layer3", "layer4", "linear"], paper_layers=["linear"])
+@register_model("preactresnet18", head="linear")
 def preactresnet18(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     return PreActResNet18(num_classes, in_channels)
 
@@ -32,7 +30,7 @@ def _rgb_only(name: str, in_channels: int) -> None:
                          f"{in_channels} channel(s); use preactresnet18 or small_cnn, or convert the images to RGB")
 
 
-# BackdoorBench name -> (torchvision constructor, extra keyword arguments, classifier module for θs)
+# BackdoorBench name -> (torchvision constructor, extra keyword arguments, classifier module)
 _TORCHVISION = {
     "resnet18": ("resnet18", {}, "fc"),
     "resnet34": ("resnet34", {}, "fc"),
@@ -74,6 +72,6 @@ def _vit(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32
 
 
 for _name, (_, _, _head) in _TORCHVISION.items():
-    register_model(_name, default_layers=[_head])(partial(_torchvision_model, _name))
+    register_model(_name, head=_head)(partial(_torchvision_model, _name))
 for _name in VIT_NAMES:
-    register_model(_name, default_layers=["1.heads.head"])(partial(_vit, _name))
+    register_model(_name, head="1.heads.head")(partial(_vit, _name))

@@ -24,7 +24,7 @@ from torch import nn
 from ..data.images import DatasetSpec, ImageSet
 from ..files import torch_save
 from ..data.readers import DatasetNotFound, dataset_spec, pil_to_tensor
-from ..models import build_model, default_layers
+from ..models import build_model, head_layer
 from .datasets import SPLIT_SIZES, dataset_folder, load_clean_split, spec_name
 from .safe_load import CheckpointError, safe_torch_load
 
@@ -222,11 +222,10 @@ def _infer_in_channels(state_dict: dict) -> int:
 
 
 def _head_layer(model_name: str, state_dict: dict) -> Optional[str]:
-    """The classifier module: the last of the architecture's default D3 layers (the head; a conv for
-    SqueezeNet), else the last matrix's module."""
-    layers = default_layers(model_name)
-    if layers and f"{layers[-1]}.weight" in state_dict:
-        return layers[-1]
+    """The classifier module: the architecture's head (a conv for SqueezeNet), else the last matrix's module."""
+    head = head_layer(model_name)
+    if head and f"{head}.weight" in state_dict:
+        return head
     matrices = [k for k, v in state_dict.items() if k.endswith(".weight") and torch.is_tensor(v) and v.dim() == 2]
     return matrices[-1][: -len(".weight")] if matrices else None
 

@@ -1,4 +1,4 @@
-"""Adversarial-example helpers shared by the adversarial defenses (AFT/PBE, SAU, i-BAU).
+"""Adversarial-example helpers shared by the adversarial defenses (AFT/PBE, SAU, i-BAU), the probe, GIC and D3.
 
 Models see normalised inputs x = (p − mean) / std, with pixels p ∈ [0, 1]. Budgets are stated in
 pixel units (ε = 6/255 means six grey levels), so a pixel-space L∞ ball of radius ε is, per channel,

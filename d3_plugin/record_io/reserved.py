@@ -20,10 +20,13 @@ class EmptyReservedSet(ValueError):
     """The reserved set would hold no sample."""
 
 
+RESERVED_RATIO = 0.05  # the reserved clean fraction of the training set when none is given (BackdoorBench's)
+
+
 def draw_reserved(n: int, ratio: float, seed: int = 0) -> np.ndarray:
     """`int(n * ratio)` distinct indices in [0, n), in BackdoorBench's order."""
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}; pass e.g. --ratio 0.05")
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}; pass e.g. --ratio {RESERVED_RATIO}")
     return np.asarray(random.Random(seed).sample(range(n), int(n * ratio)), dtype=np.int64)
 
 
@@ -45,14 +48,14 @@ def read_index_file(path: str | os.PathLike, n: int) -> np.ndarray:
     return index
 
 
-def reserved_indices(n: int, ratio: Optional[float] = 0.05, index_file: Optional[str] = None,
+def reserved_indices(n: int, ratio: Optional[float] = RESERVED_RATIO, index_file: Optional[str] = None,
                      seed: int = 0) -> np.ndarray:
     """The reserved set: `index_file` when given, else the BackdoorBench draw; never empty."""
     if index_file:
         index = read_index_file(index_file, n)
         source = f"index file {index_file}"
     else:
-        ratio = 0.05 if ratio is None else float(ratio)
+        ratio = RESERVED_RATIO if ratio is None else float(ratio)
         index = draw_reserved(n, ratio, seed)
         source = f"ratio {ratio} of {n} training samples"
     if len(index) == 0:
