@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from d3_plugin.backdoorbench.defense import poisoned_only
+from d3_plugin.bench import poisoned_only
 from d3_plugin.record_io.records import load_attack_result, model_from_record
 from d3_plugin.record_io.reserved import reserved_indices
 import d3_plugin.d3 as d3_module

@@ -15,7 +15,8 @@ from d3_plugin.attacks.input_aware import build_networks
 from d3_plugin.d3 import D3Config, detoxify
 from d3_plugin.data import DatasetSpec, ImageSet, Loader
 from d3_plugin.evaluation import evaluate, folded
-from d3_plugin.models import build_model, default_layers
+from d3_plugin.models import build_model
+from d3_plugin.d3_targets import default_layers
 from d3_plugin.precision import NATIVE_BF16_CAPABILITY, resolve_precision
 from d3_plugin.training import cross_entropy, fit, resolve_device, seed_everything, sgd
 
