@@ -318,8 +318,10 @@ def test_a_test_half_measures_even_or_odd_test_images_and_keys_its_own_cells(mad
 
 def test_the_shipped_efficacy_grid_file_plans(tmp_path):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "d3_efficacy.yaml"
-    (dev,) = grids.load_grids(path, out=str(tmp_path))
-    assert dev.cells and all(cell.settings["test_half"] == "dev" for cell in dev.cells)
+    planned = {grid.out.name: grid for grid in grids.load_grids(path, out=str(tmp_path))}
+    assert set(planned) == {"dev", "preact", "table1_test"}
+    for name, half in (("dev", "dev"), ("preact", "dev"), ("table1_test", "test")):  # choose on dev, report on test
+        assert planned[name].cells and all(cell.settings["test_half"] == half for cell in planned[name].cells)
 
 
 def test_a_grid_attack_job_is_made_from_a_typed_spec_not_a_command_line():

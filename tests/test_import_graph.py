@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "d3_plugin"
 # Lowest first. A module may import its own layer and the layers below; the first name under d3_plugin
 # (a module or a subpackage) places it. Cycles inside a layer are caught by the cycle test.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("ground: values, files, numerics", ("errors", "checks", "files", "precision", "sam", "shipped")),
+    ("ground: values, files, numerics, devices", ("errors", "checks", "files", "precision", "sam", "shipped", "devices")),
     ("data and models", ("data", "models")),
     ("BackdoorBench's files, the registry, evaluation", ("record_io", "registry", "evaluation", "adversarial")),
     ("the training loop", ("training",)),
