@@ -41,7 +41,7 @@ class DemoConfig:
     attack: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6))
     defenses: tuple = ("ft", "d3")
     defense_epochs: int = 60
-    defense_lr: float = 0.03  # FT and D3 alike; 60 epochs instead of the authors' 100 at lr 0.01
+    defense_lr: float = 0.03  # FT's and D3's θs' (the rest: small_cnn's lr_rest); 60 epochs, not the authors' 100
     reserved_ratio: float = RESERVED_RATIO
     curve_samples: int = 2000  # per-epoch curves use this many clean and poisoned test images
 
